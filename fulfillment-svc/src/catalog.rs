@@ -1,0 +1,263 @@
+//! The catalog: what each `webhookInfo` item grants and what it costs.
+//!
+//! ```toml
+//! # Which key of webhookInfo names the entry.
+//! item_key = "item"
+//! # Recorded on every grant. Defaults to a hash of the file.
+//! version = "2026-11-28"
+//!
+//! [items.sword]
+//! price = { cents = 500, currency = "USD" }
+//! grants = [{ sku = "sword", quantity = 1 }]
+//! ```
+//!
+//! Prices come from here, never from the webhook.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// A validated catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    /// The `webhookInfo` key whose string value names the entry.
+    pub item_key: String,
+    /// Recorded on each grant this catalog prices.
+    pub version: String,
+    /// Entries by name.
+    pub items: BTreeMap<String, Item>,
+}
+
+/// One sellable entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    /// The least the payer's `subtotal` must be.
+    pub price: Price,
+    /// What one purchase grants: one or more skus (a bundle).
+    pub grants: Vec<Grant>,
+}
+
+/// A catalog price.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Minor units.
+    pub cents: i64,
+    /// ISO 4217, upper case.
+    pub currency: String,
+}
+
+/// A sku and how many of it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// The sku the merchant's game or app understands.
+    pub sku: String,
+    /// How many; positive.
+    pub quantity: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    item_key: String,
+    version: Option<String>,
+    #[serde(default)]
+    items: BTreeMap<String, Item>,
+}
+
+/// Why a catalog was refused. Each message names the file and the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The file could not be read.
+    #[error("catalog {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or not the catalog's shape.
+    #[error("catalog {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// What the TOML parser said, with the line.
+        message: String,
+    },
+    /// Well-formed but wrong.
+    #[error("catalog {path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the entry.
+        problem: String,
+    },
+}
+
+impl Catalog {
+    /// Reads and validates a catalog file.
+    pub fn load(path: &Path) -> Result<Self, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates catalog text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, CatalogError> {
+        let file: File = toml::from_str(text).map_err(|e| CatalogError::Syntax {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |problem: String| CatalogError::Invalid {
+            path: origin.to_owned(),
+            problem,
+        };
+        if file.item_key.trim().is_empty() {
+            return Err(invalid("item_key must not be empty".into()));
+        }
+        if file.items.is_empty() {
+            return Err(invalid("no [items.<name>] entries".into()));
+        }
+        for (name, item) in &file.items {
+            validate_item(item).map_err(|p| invalid(format!("items.{name}: {p}")))?;
+        }
+        let version = match file.version {
+            Some(v) if !v.trim().is_empty() => v,
+            Some(_) => return Err(invalid("version must not be empty when set".into())),
+            None => format!(
+                "sha256:{}",
+                &hex::encode(Sha256::digest(text.as_bytes()))[..16]
+            ),
+        };
+        Ok(Self {
+            item_key: file.item_key,
+            version,
+            items: file.items,
+        })
+    }
+}
+
+fn validate_item(item: &Item) -> Result<(), String> {
+    if item.price.cents <= 0 {
+        return Err(format!(
+            "price.cents must be positive, got {}",
+            item.price.cents
+        ));
+    }
+    let c = &item.price.currency;
+    if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "price.currency must be an upper-case ISO 4217 code, got {c:?}"
+        ));
+    }
+    if item.grants.is_empty() {
+        return Err("grants must list at least one sku".into());
+    }
+    let mut seen = HashSet::new();
+    for g in &item.grants {
+        if g.sku.trim().is_empty() {
+            return Err("a grant has an empty sku".into());
+        }
+        if g.quantity <= 0 {
+            return Err(format!(
+                "grant {:?}: quantity must be positive, got {}",
+                g.sku, g.quantity
+            ));
+        }
+        if !seen.insert(&g.sku) {
+            return Err(format!("grant {:?} appears twice", g.sku));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        item_key = "item"
+        version = "v1"
+        [items.sword]
+        price = { cents = 500, currency = "USD" }
+        grants = [{ sku = "sword", quantity = 1 }]
+        [items.starter-bundle]
+        price = { cents = 1500, currency = "USD" }
+        grants = [{ sku = "sword", quantity = 1 }, { sku = "credits", quantity = 500 }]
+    "#;
+
+    #[test]
+    fn parses_the_example_in_the_repo() {
+        let c = Catalog::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/catalog.example.toml"
+        )))
+        .unwrap();
+        assert_eq!(c.item_key, "item");
+        assert!(c.items.contains_key("sword"));
+        assert!(c.items.contains_key("credits-1000"));
+    }
+
+    #[test]
+    fn parses_bundles_and_keeps_the_version() {
+        let c = Catalog::parse(GOOD, "t").unwrap();
+        assert_eq!(c.version, "v1");
+        assert_eq!(c.items["starter-bundle"].grants.len(), 2);
+    }
+
+    #[test]
+    fn version_defaults_to_a_content_hash() {
+        let c = Catalog::parse(&GOOD.replace("version = \"v1\"", ""), "t").unwrap();
+        assert!(c.version.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        for (bad, needle) in [
+            (
+                GOOD.replace("cents = 500", "cents = 0"),
+                "items.sword: price.cents",
+            ),
+            (
+                GOOD.replace(
+                    "currency = \"USD\" }\n        grants = [{ sku = \"sword\", quantity = 1 }]",
+                    "currency = \"usd\" }\n        grants = [{ sku = \"sword\", quantity = 1 }]",
+                ),
+                "items.sword: price.currency",
+            ),
+            (
+                GOOD.replace("quantity = 500", "quantity = -5"),
+                "items.starter-bundle: grant \"credits\"",
+            ),
+            (
+                GOOD.replace(
+                    "{ sku = \"credits\", quantity = 500 }",
+                    "{ sku = \"sword\", quantity = 2 }",
+                ),
+                "appears twice",
+            ),
+            (
+                GOOD.replace(
+                    "grants = [{ sku = \"sword\", quantity = 1 }]\n",
+                    "grants = []\n",
+                ),
+                "items.sword: grants",
+            ),
+            (
+                GOOD.replace("item_key = \"item\"", "item_key = \"\""),
+                "item_key",
+            ),
+            (GOOD.replace("price = {", "prize = {"), "unknown field"),
+            ("item_key = [".to_owned(), "catalog t:"),
+        ] {
+            let err = Catalog::parse(&bad, "t").unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should contain {needle:?}");
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! What one event asks of the ledger, decided purely from the event and the catalog.
+//! The store then applies it atomically, enforcing at most one grant per payment.
+
+use coinflow_shared::convert::struct_str;
+use coinflow_shared::proto::v1::WebhookEvent;
+
+use crate::catalog::{Catalog, Grant};
+
+/// The only event type that grants.
+pub const SETTLED: &str = "Settled";
+
+/// Why a Settled payment was held instead of granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldReason {
+    /// No `data.id`: the payment cannot be granted at most once.
+    MissingPaymentId,
+    /// No `webhookInfo` object.
+    MissingWebhookInfo,
+    /// `webhookInfo` names no catalog entry.
+    UnknownItem,
+    /// No `data.wallet` to grant to.
+    MissingPayer,
+    /// No integer `subtotal`.
+    MissingSubtotal,
+    /// `subtotal.currency` is present and is not the catalog's.
+    CurrencyMismatch,
+    /// `subtotal` is below the catalog price.
+    Underpaid,
+}
+
+impl HeldReason {
+    /// The stable name stored, returned over gRPC and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingPaymentId => "missing_payment_id",
+            Self::MissingWebhookInfo => "missing_webhook_info",
+            Self::UnknownItem => "unknown_item",
+            Self::MissingPayer => "missing_payer",
+            Self::MissingSubtotal => "missing_subtotal",
+            Self::CurrencyMismatch => "currency_mismatch",
+            Self::Underpaid => "underpaid",
+        }
+    }
+}
+
+/// What to do with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Record it; no ledger effect.
+    Record,
+    /// Record it as held, granting nothing.
+    Hold(HeldReason),
+    /// Record it and grant, unless this payment was already granted.
+    Grant(GrantPlan),
+}
+
+/// The grant a Settled payment earns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantPlan {
+    /// The business key.
+    pub payment_id: String,
+    /// The payer.
+    pub wallet: String,
+    /// The merchant's user id, when sent.
+    pub raw_customer_id: Option<String>,
+    /// The catalog entry.
+    pub item: String,
+    /// The catalog version that priced it.
+    pub catalog_version: String,
+    /// What is granted.
+    pub grants: Vec<Grant>,
+}
+
+/// Decides what `event` asks for under `catalog`.
+pub fn decide(event: &WebhookEvent, catalog: &Catalog) -> Decision {
+    if event.event_type != SETTLED {
+        return Decision::Record;
+    }
+    match plan_grant(event, catalog) {
+        Ok(plan) => Decision::Grant(plan),
+        Err(reason) => Decision::Hold(reason),
+    }
+}
+
+fn plan_grant(event: &WebhookEvent, catalog: &Catalog) -> Result<GrantPlan, HeldReason> {
+    let payment_id = event
+        .payment_id
+        .clone()
+        .ok_or(HeldReason::MissingPaymentId)?;
+    let info = event
+        .webhook_info
+        .as_ref()
+        .ok_or(HeldReason::MissingWebhookInfo)?;
+    let name = struct_str(info, &catalog.item_key).ok_or(HeldReason::UnknownItem)?;
+    let item = catalog.items.get(name).ok_or(HeldReason::UnknownItem)?;
+    let wallet = event.wallet.clone().ok_or(HeldReason::MissingPayer)?;
+    let paid = event.subtotal.as_ref().ok_or(HeldReason::MissingSubtotal)?;
+    if let Some(currency) = &paid.currency
+        && !currency.eq_ignore_ascii_case(&item.price.currency)
+    {
+        return Err(HeldReason::CurrencyMismatch);
+    }
+    if paid.cents < item.price.cents {
+        return Err(HeldReason::Underpaid);
+    }
+    Ok(GrantPlan {
+        payment_id,
+        wallet,
+        raw_customer_id: event.raw_customer_id.clone(),
+        item: name.to_owned(),
+        catalog_version: catalog.version.clone(),
+        grants: item.grants.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use bytes::Bytes;
+    use coinflow_shared::convert::to_proto;
+    use coinflow_shared::envelope::Envelope;
+
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog::parse(
+            r#"item_key = "item"
+               version = "v7"
+               [items.sword]
+               price = { cents = 500, currency = "USD" }
+               grants = [{ sku = "sword", quantity = 1 }]"#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn event(data: &str) -> WebhookEvent {
+        let body = format!(
+            r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{data}}}"#
+        );
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        to_proto(env, Bytes::from(body), SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn a_covered_settled_payment_is_granted() {
+        let d = decide(
+            &event(
+                r#"{"id":"p","wallet":"w","rawCustomerId":"u","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":"USD"}}"#,
+            ),
+            &catalog(),
+        );
+        let Decision::Grant(plan) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(plan.payment_id, "p");
+        assert_eq!(plan.raw_customer_id.as_deref(), Some("u"));
+        assert_eq!(plan.catalog_version, "v7");
+        assert_eq!(
+            plan.grants,
+            [Grant {
+                sku: "sword".into(),
+                quantity: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn missing_currency_is_accepted_when_the_amount_covers_the_price() {
+        let d = decide(
+            &event(
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":600}}"#,
+            ),
+            &catalog(),
+        );
+        assert!(matches!(d, Decision::Grant(_)), "{d:?}");
+    }
+
+    #[test]
+    fn anything_that_does_not_match_is_held() {
+        for (data, reason) in [
+            (
+                r#"{"wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500}}"#,
+                HeldReason::MissingPaymentId,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","subtotal":{"cents":500}}"#,
+                HeldReason::MissingWebhookInfo,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"axe"},"subtotal":{"cents":500}}"#,
+                HeldReason::UnknownItem,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":5},"subtotal":{"cents":500}}"#,
+                HeldReason::UnknownItem,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"sku":"sword"},"subtotal":{"cents":500}}"#,
+                HeldReason::UnknownItem,
+            ),
+            (
+                r#"{"id":"p","webhookInfo":{"item":"sword"},"subtotal":{"cents":500}}"#,
+                HeldReason::MissingPayer,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":"500"}}"#,
+                HeldReason::MissingSubtotal,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":"EUR"}}"#,
+                HeldReason::CurrencyMismatch,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":100,"currency":"USD"}}"#,
+                HeldReason::Underpaid,
+            ),
+        ] {
+            assert_eq!(
+                decide(&event(data), &catalog()),
+                Decision::Hold(reason),
+                "{data}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_event_types_only_record() {
+        let mut ev = event(
+            r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500}}"#,
+        );
+        ev.event_type = "Card Payment Authorized".into();
+        assert_eq!(decide(&ev, &catalog()), Decision::Record);
+    }
+}

@@ -1,0 +1,186 @@
+//! The Coinflow v2 webhook envelope: `{eventType, category, created, data}`.
+//!
+//! Only the envelope is strict: a missing or mistyped envelope key is a bad request.
+//! Everything inside `data` is read leniently by [`Data`], because its shape varies by
+//! event family and Coinflow adds fields over time; the raw body keeps what isn't read.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// A parsed v2 envelope. Unknown top-level keys are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Title Case with spaces, e.g. `Settled`. Unknown values are valid.
+    pub event_type: String,
+    /// `Purchase`, `Subscription`, `KYC`, `Withdraw` or `Marketplace`.
+    pub category: String,
+    /// ISO-8601, kept exactly as sent.
+    pub created: String,
+    /// The event payload.
+    pub data: Data,
+}
+
+/// Why a body is not a v2 envelope. The messages are safe to return to the sender: they
+/// name the problem, never echo secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The body is not well-formed JSON.
+    #[error("malformed JSON: {0}")]
+    Syntax(String),
+    /// Well-formed JSON that is not a v2 envelope (missing or mistyped key).
+    #[error("not a Coinflow v2 envelope: {0}")]
+    Shape(String),
+}
+
+impl Envelope {
+    /// Parses a raw body. Never panics, whatever the bytes.
+    pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
+        serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                EnvelopeError::Shape(e.to_string())
+            } else {
+                EnvelopeError::Syntax(e.to_string())
+            }
+        })
+    }
+}
+
+/// The `data` object, read leniently: a field of an unexpected type reads as absent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Data(pub Map<String, Value>);
+
+/// `{"cents": integer, "currency"?: string}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Money {
+    /// Integer minor units.
+    pub cents: i64,
+    /// Absent on some events (stablecoin settlement).
+    pub currency: Option<String>,
+}
+
+impl Data {
+    /// A non-empty string field.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.0
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// An identifier: a non-empty string, or an integer rendered in decimal.
+    pub fn id(&self, key: &str) -> Option<String> {
+        match self.0.get(key)? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// A nested object field.
+    pub fn object(&self, key: &str) -> Option<&Map<String, Value>> {
+        self.0.get(key).and_then(Value::as_object)
+    }
+
+    /// A money field; absent when missing, `null` or not integer cents.
+    pub fn money(&self, key: &str) -> Option<Money> {
+        money_in(&self.0, key)
+    }
+
+    /// The business key: `data.id` on payment events, `data.paymentId` on refunds.
+    pub fn payment_id(&self) -> Option<String> {
+        self.id("id").or_else(|| self.id("paymentId"))
+    }
+}
+
+/// Reads a money object at `key` of `map`.
+pub fn money_in(map: &Map<String, Value>, key: &str) -> Option<Money> {
+    let obj = map.get(key)?.as_object()?;
+    let cents = obj.get("cents")?.as_i64()?;
+    let currency = obj
+        .get("currency")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Some(Money { cents, currency })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_settled_fixture() {
+        let env = Envelope::parse(include_bytes!("../../fixtures/settled-sword.json")).unwrap();
+        assert_eq!(env.event_type, "Settled");
+        assert_eq!(env.category, "Purchase");
+        assert_eq!(env.created, "2026-11-20T17:06:05.177Z");
+        assert_eq!(
+            env.data.payment_id().as_deref(),
+            Some("51e5ac49-d3ad-412c-afdb-acb1a5b50b3d")
+        );
+        assert_eq!(
+            env.data.money("subtotal"),
+            Some(Money {
+                cents: 500,
+                currency: Some("USD".into())
+            })
+        );
+    }
+
+    #[test]
+    fn missing_currency_and_nulls_are_absent_not_errors() {
+        let env = Envelope::parse(
+            br#"{"eventType":"Settled","category":"Purchase","created":"x",
+                "data":{"id":null,"paymentId":"p1","subtotal":{"cents":1000},
+                        "fees":null,"total":{"cents":1.5},"wallet":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(env.data.payment_id().as_deref(), Some("p1"));
+        assert_eq!(
+            env.data.money("subtotal"),
+            Some(Money {
+                cents: 1000,
+                currency: None
+            })
+        );
+        assert_eq!(env.data.money("fees"), None);
+        assert_eq!(env.data.money("total"), None);
+        assert_eq!(env.data.str("wallet"), None);
+    }
+
+    #[test]
+    fn unknown_top_level_keys_are_ignored() {
+        let env = Envelope::parse(
+            br#"{"eventType":"Brand New Event","category":"Purchase","created":"c","data":{},"extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!(env.event_type, "Brand New Event");
+    }
+
+    #[test]
+    fn bad_bodies_are_classified() {
+        assert!(matches!(
+            Envelope::parse(b"{\"eventType\""),
+            Err(EnvelopeError::Syntax(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(b"\xff\xfe"),
+            Err(EnvelopeError::Syntax(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":"Settled","category":"Purchase","created":"c"}"#),
+            Err(EnvelopeError::Shape(m)) if m.contains("data")
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":1,"category":"Purchase","created":"c","data":{}}"#),
+            Err(EnvelopeError::Shape(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":"S","category":"P","created":"c","data":[]}"#),
+            Err(EnvelopeError::Shape(_))
+        ));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(Envelope::parse(deep.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! The gRPC client to ingest. Each delivery has one deadline, well inside Coinflow's 5 s;
+//! transient failures are retried inside it, which is safe because ingest is idempotent.
+
+use std::time::Duration;
+
+use coinflow_shared::proto::v1::ingest_client::IngestClient;
+use coinflow_shared::proto::v1::{DeliverRequest, DeliverResponse, WebhookEvent};
+use tokio::time::{Instant, sleep, timeout_at};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Why a delivery was not acked.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// No ack before the deadline.
+    #[error("no ack within {0:?}")]
+    Deadline(Duration),
+    /// Ingest refused or failed; the status says why.
+    #[error("ingest answered {}: {}", .0.code(), .0.message())]
+    Status(Status),
+    /// The ingest URL is invalid.
+    #[error("invalid ingest URL: {0}")]
+    BadUrl(String),
+}
+
+/// A client of the ingest service.
+#[derive(Clone)]
+pub struct IngestTarget {
+    channel: Channel,
+    client: IngestClient<Channel>,
+    deadline: Duration,
+}
+
+impl IngestTarget {
+    /// A lazily connecting client to `url`; each delivery gets `deadline`.
+    pub fn new(url: &str, deadline: Duration) -> Result<Self, DeliverError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| DeliverError::BadUrl(e.to_string()))?
+            .connect_timeout(deadline.min(Duration::from_secs(1)))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
+        Ok(Self {
+            client: IngestClient::new(channel.clone()),
+            channel,
+            deadline,
+        })
+    }
+
+    /// Delivers one event; `Ok` means ingest recorded it durably.
+    pub async fn deliver(&self, event: WebhookEvent) -> Result<DeliverResponse, DeliverError> {
+        let deadline = Instant::now() + self.deadline;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(DeliverError::Deadline(self.deadline));
+            }
+            let mut request = tonic::Request::new(DeliverRequest {
+                event: Some(event.clone()),
+            });
+            request.set_timeout(remaining);
+            let mut client = self.client.clone();
+            match timeout_at(deadline, client.deliver(request)).await {
+                Err(_) => return Err(DeliverError::Deadline(self.deadline)),
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if retryable(status.code()) => {
+                    tracing::debug!(code = %status.code(), "ingest transient failure; retrying");
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    sleep(pause).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Ok(Err(status)) => return Err(DeliverError::Status(status)),
+            }
+        }
+    }
+
+    /// The underlying channel, for health checks.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}
+
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Unknown
+    )
+}

@@ -1,0 +1,151 @@
+//! The webhook route: check the request, read the exact body, authenticate, parse once,
+//! hand to ingest, and answer 200 only after ingest acked.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, Method, Request, Response};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, LengthLimitError};
+use tokio::time::Instant;
+
+use coinflow_shared::convert::to_proto;
+use coinflow_shared::envelope::Envelope;
+use coinflow_shared::proto::v1::Outcome;
+
+use crate::auth::Authenticator;
+use crate::client::{DeliverError, IngestTarget};
+use crate::response::{Body, EdgeError, success};
+
+/// What the route needs, shared by every request.
+pub struct Webhook {
+    /// The configured path.
+    pub path: String,
+    /// The body limit, in bytes.
+    pub body_limit: usize,
+    /// The authenticator.
+    pub auth: Authenticator,
+    /// Where events go.
+    pub ingest: IngestTarget,
+    /// `Retry-After` on 503.
+    pub retry_after_secs: u64,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Webhook {
+    /// Handles one request. Never fails: every error becomes its response.
+    pub async fn handle<B>(self: Arc<Self>, request: Request<B>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        match self.accept(request).await {
+            Ok(()) => success(),
+            Err(e) => {
+                let status = e.status();
+                match &e {
+                    EdgeError::Unauthorized(reason) => {
+                        tracing::warn!(reason = reason.as_str(), "delivery refused: unauthorized");
+                    }
+                    EdgeError::Unavailable => tracing::warn!(
+                        latency_ms = started.elapsed().as_millis() as u64,
+                        "delivery not acked: fulfillment unavailable"
+                    ),
+                    _ => tracing::info!(status = status.as_u16(), error = %e, "delivery refused"),
+                }
+                e.into_response(self.retry_after_secs)
+            }
+        }
+    }
+
+    async fn accept<B>(&self, request: Request<B>) -> Result<(), EdgeError>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        if request.uri().path() != self.path {
+            return Err(EdgeError::NotFound);
+        }
+        if request.method() != Method::POST {
+            return Err(EdgeError::MethodNotAllowed);
+        }
+        let (parts, body) = request.into_parts();
+        if !is_json(&parts.headers) {
+            return Err(EdgeError::UnsupportedMediaType);
+        }
+        let body = read_body(body, self.body_limit).await?;
+        self.auth
+            .check(&parts.headers, &body, unix_now())
+            .map_err(EdgeError::Unauthorized)?;
+        let envelope = Envelope::parse(&body).map_err(|e| EdgeError::BadRequest(e.to_string()))?;
+        let event = to_proto(envelope, body, SystemTime::now());
+        let (event_type, payment_id) = (event.event_type.clone(), event.payment_id.clone());
+        match self.ingest.deliver(event).await {
+            Ok(ack) => {
+                tracing::info!(
+                    event_type = %event_type,
+                    payment_id = payment_id.as_deref().unwrap_or(""),
+                    outcome = Outcome::try_from(ack.outcome).unwrap_or_default().as_str_name(),
+                    duplicate = ack.duplicate,
+                    latency_ms = started.elapsed().as_millis() as u64,
+                    "webhook acked"
+                );
+                Ok(())
+            }
+            Err(DeliverError::Status(status)) if status.code() == tonic::Code::InvalidArgument => {
+                Err(EdgeError::BadRequest(format!(
+                    "rejected by fulfillment: {}",
+                    status.message()
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, event_type = %event_type, "ingest did not ack");
+                Err(EdgeError::Unavailable)
+            }
+        }
+    }
+}
+
+/// Reads the whole body (capped by the stack's body limit) into one buffer.
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, EdgeError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match body.collect().await.map_err(Into::into) {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(EdgeError::TooLarge(limit)),
+        Err(e) if is_timeout(&*e) => Err(EdgeError::BodyTimeout),
+        Err(_) => Err(EdgeError::BodyRead),
+    }
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
