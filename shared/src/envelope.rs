@@ -4,7 +4,9 @@
 //! Everything inside `data` is read leniently by [`Data`], because its shape varies by
 //! event family and Coinflow adds fields over time; the raw body keeps what isn't read.
 
-use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer as _};
 use serde_json::{Map, Value};
 
 /// A parsed v2 envelope. Unknown top-level keys are ignored.
@@ -36,13 +38,32 @@ pub enum EnvelopeError {
 impl Envelope {
     /// Parses a raw body. Never panics, whatever the bytes.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
-        serde_json::from_slice(body).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed = de
+            .deserialize_map(ObjectOnly)
+            .and_then(|env| de.end().map(|()| env));
+        parsed.map_err(|e| {
             if e.is_data() {
                 EnvelopeError::Shape(e.to_string())
             } else {
                 EnvelopeError::Syntax(e.to_string())
             }
         })
+    }
+}
+
+/// Accepts the envelope only as a JSON object (serde would also take an array).
+struct ObjectOnly;
+
+impl<'de> Visitor<'de> for ObjectOnly {
+    type Value = Envelope;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Envelope, A::Error> {
+        Envelope::deserialize(MapAccessDeserializer::new(map))
     }
 }
 
@@ -179,6 +200,18 @@ mod tests {
         assert!(matches!(
             Envelope::parse(br#"{"eventType":"S","category":"P","created":"c","data":[]}"#),
             Err(EnvelopeError::Shape(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"["Settled","Purchase","c",{}]"#),
+            Err(EnvelopeError::Shape(m)) if m.contains("JSON object")
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":"S","eventType":"T","category":"P","created":"c","data":{}}"#),
+            Err(EnvelopeError::Shape(m)) if m.contains("duplicate field")
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":"S","category":"P","created":"c","data":{}} {}"#),
+            Err(EnvelopeError::Syntax(_))
         ));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(Envelope::parse(deep.as_bytes()).is_err());

@@ -1,0 +1,122 @@
+//! The real binaries as child processes, for tests that `kill -9` them and read their
+//! logs. The binaries are the ones cargo built beside this test.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+/// A workspace binary built by this `cargo test` / `cargo nextest` run.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A running service process with its captured log lines.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// The address it logged as listening on.
+    pub addr: SocketAddr,
+    /// Every line it wrote to stderr so far.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and `env`, waiting for the log line carrying `field` (the
+    /// listen address) to learn where it listens.
+    pub async fn start(bin_name: &str, args: &[&str], env: &[(&str, &str)], field: &str) -> Self {
+        let mut cmd = Command::new(bin(bin_name));
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .env("LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = oneshot::channel();
+        let (lines, field) = (Arc::clone(&logs), field.to_owned());
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(addr) = v["fields"][&field].as_str()
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{bin_name} did not log its address; logs: {:?}",
+                    logs.lock().unwrap()
+                )
+            })
+            .unwrap_or_else(|_| {
+                panic!("{bin_name} exited early; logs: {:?}", logs.lock().unwrap())
+            });
+        Self { child, addr, logs }
+    }
+
+    /// fulfillment-svc over the SQLite file `db`, on a free port.
+    pub async fn fulfillment(db: &Path) -> Self {
+        let url = format!("sqlite://{}", db.display());
+        let catalog = crate::catalog_path();
+        Self::start(
+            "fulfillment-svc",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &url,
+                "--catalog",
+                catalog.to_str().unwrap(),
+            ],
+            &[],
+            "addr",
+        )
+        .await
+    }
+
+    /// `kill -9`, and wait for it to be gone.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().await.unwrap()
+    }
+
+    /// All log lines so far, joined.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}

@@ -1,0 +1,304 @@
+//! A 200 means durable: outages, restarts and `kill -9` lose nothing that was acked.
+
+use std::time::Duration;
+
+use coinflow_shared::proto::v1::Outcome;
+use coinflow_tests::bodies::{fixture, settled, sign, wallet_of};
+use coinflow_tests::http::Http;
+use coinflow_tests::process::Proc;
+use coinflow_tests::{EdgeHandle, FulfillmentHandle, KEY, Query, edge_config, free_addr};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn fulfillment_down_then_up_the_retry_grants_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut config = edge_config(addr);
+    config.deliver_deadline_ms = 300;
+    let edge = EdgeHandle::start(config).await;
+    let http = Http::default();
+    let body = settled("p-retry", "sword", 500);
+
+    let down = http.deliver(&edge.url(), body.clone()).await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let fulfillment = FulfillmentHandle::start_on(&dir.path().join("ledger.db"), addr).await;
+    // Coinflow retries the same delivery; the edge reconnects on its own.
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        status = http.deliver(&edge.url(), body.clone()).await.status;
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::OK);
+    // And a late duplicate of the retry changes nothing.
+    assert_eq!(http.deliver(&edge.url(), body).await.status, StatusCode::OK);
+
+    let mut q = Query::connect(fulfillment.addr).await;
+    assert_eq!(
+        q.wallet(&wallet_of("p-retry")).await,
+        [("sword".to_owned(), 1)]
+    );
+    assert_eq!(q.payment("p-retry").await.unwrap().events.len(), 1);
+}
+
+#[tokio::test]
+async fn kill_9_right_after_an_ack_keeps_the_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let mut fulfillment = Proc::fulfillment(&db).await;
+    let edge = EdgeHandle::start(edge_config(fulfillment.addr)).await;
+
+    let a = Http::default()
+        .deliver(&edge.url(), fixture("settled-sword.json"))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    fulfillment.kill9().await;
+
+    let restarted = Proc::fulfillment(&db).await;
+    let mut q = Query::connect(restarted.addr).await;
+    let p = q
+        .payment("51e5ac49-d3ad-412c-afdb-acb1a5b50b3d")
+        .await
+        .unwrap();
+    assert_eq!(p.events.len(), 1);
+    assert_eq!(p.events[0].raw_body, fixture("settled-sword.json"));
+    assert_eq!(q.wallet("mygameʬuser-123").await, [("sword".to_owned(), 1)]);
+}
+
+#[tokio::test]
+async fn kill_9_under_load_every_acked_event_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let mut fulfillment = Proc::fulfillment(&db).await;
+    let mut config = edge_config(fulfillment.addr);
+    config.deliver_deadline_ms = 1000;
+    let edge = EdgeHandle::start(config).await;
+
+    let url = edge.url();
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let senders: Vec<_> = (0..300)
+        .map(|i| {
+            let (url, acked_tx) = (url.clone(), acked_tx.clone());
+            tokio::spawn(async move {
+                let id = format!("p-load-{i}");
+                let status = Http::default()
+                    .deliver(&url, settled(&id, "sword", 500))
+                    .await
+                    .status;
+                if status == StatusCode::OK {
+                    let _ = acked_tx.send(());
+                }
+                (id, status)
+            })
+        })
+        .collect();
+    // Kill while deliveries are in flight: after the first 20 acks.
+    for _ in 0..20 {
+        acked_rx.recv().await.unwrap();
+    }
+    fulfillment.kill9().await;
+    let results: Vec<_> = futures::future::join_all(senders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    let restarted = Proc::fulfillment(&db).await;
+    let mut q = Query::connect(restarted.addr).await;
+    let mut acked = 0;
+    for (id, status) in &results {
+        assert!(
+            matches!(*status, StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE),
+            "{id}: {status}"
+        );
+        if *status == StatusCode::OK {
+            acked += 1;
+            let p = q
+                .payment(id)
+                .await
+                .unwrap_or_else(|e| panic!("{id} was acked but is missing: {e}"));
+            assert_eq!(p.ledger.len(), 1, "{id}");
+        }
+    }
+    assert!(acked >= 20, "20 deliveries were acked before the kill");
+    assert!(
+        acked < results.len(),
+        "the kill landed while deliveries were in flight"
+    );
+    // Whatever was not acked, Coinflow redelivers; each grants exactly once.
+    let mut config = edge_config(restarted.addr);
+    config.deliver_deadline_ms = 1000;
+    let edge = EdgeHandle::start(config).await;
+    for (id, _) in &results {
+        let a = Http::default()
+            .deliver(&edge.url(), settled(id, "sword", 500))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(
+            q.wallet(&wallet_of(id)).await,
+            [("sword".to_owned(), 1)],
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_services_exit_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fulfillment = Proc::fulfillment(&dir.path().join("ledger.db")).await;
+    let fulfillment_url = format!("http://{}", fulfillment.addr);
+    let mut edge = Proc::start(
+        "webhook-edge",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--fulfillment-url",
+            &fulfillment_url,
+        ],
+        &[("COINFLOW_WEBHOOK_KEYS", KEY)],
+        "addr",
+    )
+    .await;
+    let url = format!("http://{}/webhooks/coinflow", edge.addr);
+    assert_eq!(
+        Http::default()
+            .deliver(&url, fixture("settled-sword.json"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert!(edge.terminate().await.success());
+    assert!(fulfillment.terminate().await.success());
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_request_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let fulfillment = FulfillmentHandle::start(&dir.path().join("ledger.db")).await;
+    let edge = EdgeHandle::start(edge_config(fulfillment.addr)).await;
+
+    let body = settled("p-inflight", "sword", 500);
+    let signature = sign(&body);
+    let mut stream = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/coinflow HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         coinflow-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..10]).await.unwrap();
+    // Give hyper the head so the request is in flight, then begin shutting down.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    edge.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New connections are refused...
+    assert!(tokio::net::TcpStream::connect(edge.addr).await.is_err());
+    // ...while the one in flight completes.
+    stream.write_all(&body[10..]).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    edge.task.await.unwrap();
+    let mut q = Query::connect(fulfillment.addr).await;
+    assert_eq!(
+        q.payment("p-inflight").await.unwrap().events[0].outcome,
+        Outcome::Granted as i32
+    );
+}
+
+#[tokio::test]
+async fn logs_never_contain_keys_authorization_or_signatures() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fulfillment = Proc::start(
+        "fulfillment-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &format!("sqlite://{}", dir.path().join("l.db").display()),
+            "--catalog",
+            coinflow_tests::catalog_path().to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "trace")],
+        "addr",
+    )
+    .await;
+    let fulfillment_url = format!("http://{}", fulfillment.addr);
+    let mut edge = Proc::start(
+        "webhook-edge",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--fulfillment-url",
+            &fulfillment_url,
+        ],
+        &[
+            ("COINFLOW_WEBHOOK_KEYS", &format!("{KEY},second-secret-key")),
+            ("RUST_LOG", "trace"),
+        ],
+        "addr",
+    )
+    .await;
+    let url = format!("http://{}/webhooks/coinflow", edge.addr);
+    let http = Http::default();
+    let body = fixture("settled-sword.json");
+    let good_sig = sign(&body);
+    let forged_sig =
+        coinflow_tests::bodies::sign_at("attacker-key", coinflow_tests::bodies::now(), &body);
+    assert_eq!(
+        http.post(&url, &[("coinflow-signature", &good_sig)], body.clone())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.post(&url, &[("authorization", KEY)], body.clone())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.post(
+            &url,
+            &[("authorization", "wrong-authorization-value")],
+            body.clone()
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        http.post(&url, &[("coinflow-signature", &forged_sig)], body)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(edge.terminate().await.success());
+    assert!(fulfillment.terminate().await.success());
+
+    let logs = format!("{}\n{}", edge.log_text(), fulfillment.log_text());
+    assert!(logs.contains("webhook acked"), "the logs were captured");
+    let good_mac = good_sig.split("v1=").nth(1).unwrap();
+    let forged_mac = forged_sig.split("v1=").nth(1).unwrap();
+    for secret in [
+        KEY,
+        "second-secret-key",
+        "wrong-authorization-value",
+        good_mac,
+        forged_mac,
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "a secret leaked into the logs: {secret}"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real edge and fulfillment over real sockets, gRPC and SQLite.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod auth;
+mod durability;
+mod grants;
+mod slow_clients;
+mod statuses;
+mod store;
