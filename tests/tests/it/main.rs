@@ -4,6 +4,7 @@
 mod auth;
 mod durability;
 mod grants;
+mod grpc_surface;
 mod slow_clients;
 mod statuses;
 mod store;
