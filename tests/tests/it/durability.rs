@@ -186,21 +186,31 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     let body = settled("p-inflight", "sword", 500);
     let signature = sign(&body);
     let mut stream = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    // `Expect: 100-continue` makes the edge say when the route starts reading the body: from
+    // then on the request is in flight.
     let head = format!(
         "POST /webhooks/coinflow HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         coinflow-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
+         expect: 100-continue\r\ncoinflow-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body[..10]).await.unwrap();
-    // Give hyper the head so the request is in flight, then begin shutting down.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut continue_line = [0u8; 25];
+    stream.read_exact(&mut continue_line).await.unwrap();
+    assert_eq!(&continue_line, b"HTTP/1.1 100 Continue\r\n\r\n");
+
     edge.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // New connections are refused...
-    assert!(tokio::net::TcpStream::connect(edge.addr).await.is_err());
-    // ...while the one in flight completes.
-    stream.write_all(&body[10..]).await.unwrap();
+    // New connections are refused once the listener is closed...
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(edge.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the edge kept accepting after shutdown began");
+    // ...while the request in flight completes.
+    stream.write_all(&body).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let response = String::from_utf8_lossy(&response);

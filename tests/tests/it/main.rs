@@ -3,6 +3,7 @@
 
 mod auth;
 mod durability;
+mod fixtures;
 mod grants;
 mod grpc_surface;
 mod slow_clients;

@@ -1,0 +1,104 @@
+//! Every body in `fixtures/` and `fixtures/variants/` through the real edge, with the
+//! outcome it must have.
+
+use coinflow_shared::envelope::Envelope;
+use coinflow_shared::proto::v1::Outcome;
+use coinflow_tests::http::Http;
+use coinflow_tests::{Stack, fixtures_dir};
+use http::StatusCode;
+
+/// (file, outcome, held reason) for every fixture; the order is the delivery order.
+const EXPECTED: &[(&str, Outcome, Option<&str>)] = &[
+    ("card-payment-authorized.json", Outcome::Recorded, None),
+    ("settled-sword.json", Outcome::Granted, None),
+    ("settled-credits-no-currency.json", Outcome::Granted, None),
+    ("refund.json", Outcome::Recorded, None),
+    ("chargeback-opened.json", Outcome::Recorded, None),
+    ("withdraw-pending.json", Outcome::Recorded, None),
+    ("variants/settled-bundle.json", Outcome::Granted, None),
+    (
+        "variants/settled-underpaid-forged-info.json",
+        Outcome::Held,
+        Some("underpaid"),
+    ),
+    (
+        "variants/settled-wrong-currency.json",
+        Outcome::Held,
+        Some("currency_mismatch"),
+    ),
+    (
+        "variants/settled-missing-webhook-info.json",
+        Outcome::Held,
+        Some("missing_webhook_info"),
+    ),
+    (
+        "variants/settled-unknown-item.json",
+        Outcome::Held,
+        Some("unknown_item"),
+    ),
+    (
+        "variants/settled-overpaid-nulls-lowercase-currency.json",
+        Outcome::Granted,
+        None,
+    ),
+    ("variants/refund-partial.json", Outcome::Recorded, None),
+    (
+        "variants/subscription-created.json",
+        Outcome::Recorded,
+        None,
+    ),
+    ("variants/unknown-event-type.json", Outcome::Recorded, None),
+];
+
+#[test]
+fn every_fixture_has_an_expectation() {
+    let mut on_disk = Vec::new();
+    for dir in ["", "variants/"] {
+        for entry in std::fs::read_dir(fixtures_dir().join(dir)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name.ends_with(".json") && name != "signature-vector.json" {
+                on_disk.push(format!("{dir}{name}"));
+            }
+        }
+    }
+    on_disk.sort();
+    let mut expected: Vec<_> = EXPECTED.iter().map(|(f, ..)| (*f).to_owned()).collect();
+    expected.sort();
+    assert_eq!(on_disk, expected);
+}
+
+#[tokio::test]
+async fn every_fixture_gets_its_outcome() {
+    let stack = Stack::start().await;
+    let http = Http::default();
+    let mut q = stack.query().await;
+    for (file, outcome, reason) in EXPECTED {
+        let body = std::fs::read(fixtures_dir().join(file)).unwrap();
+        let a = http.deliver(&stack.edge.url(), body.clone()).await;
+        assert_eq!(a.status, StatusCode::OK, "{file}: {}", a.json);
+        let Some(payment_id) = Envelope::parse(&body).unwrap().data.payment_id() else {
+            continue;
+        };
+        let p = q.payment(&payment_id).await.unwrap();
+        let recorded = p
+            .events
+            .iter()
+            .find(|e| e.raw_body == body)
+            .unwrap_or_else(|| panic!("{file} not recorded"));
+        assert_eq!(recorded.outcome, *outcome as i32, "{file}");
+        assert_eq!(recorded.held_reason.as_deref(), *reason, "{file}");
+    }
+    assert_eq!(
+        q.wallet("mygameʬuser-900").await,
+        [
+            ("credits".to_owned(), 500),
+            ("shield".to_owned(), 1),
+            ("sword".to_owned(), 1)
+        ]
+    );
+    assert_eq!(
+        q.wallet("mygameʬuser-905").await,
+        [("shield".to_owned(), 1)]
+    );
+    assert!(q.wallet("mygameʬuser-901").await.is_empty());
+}
