@@ -99,6 +99,27 @@ impl Proc {
         .await
     }
 
+    /// webhook-edge in front of the ingest at `fulfillment`, trusting `keys`, on free ports.
+    pub async fn edge(fulfillment: SocketAddr, keys: &str, env: &[(&str, &str)]) -> Self {
+        let url = format!("http://{fulfillment}");
+        let mut all_env = vec![("COINFLOW_WEBHOOK_KEYS", keys)];
+        all_env.extend_from_slice(env);
+        Self::start(
+            "webhook-edge",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--fulfillment-url",
+                &url,
+            ],
+            &all_env,
+            "addr",
+        )
+        .await
+    }
+
     /// `kill -9`, and wait for it to be gone.
     pub async fn kill9(&mut self) {
         self.child.start_kill().unwrap();

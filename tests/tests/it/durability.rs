@@ -150,21 +150,7 @@ async fn kill_9_under_load_every_acked_event_survives() {
 async fn sigterm_lets_the_services_exit_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut fulfillment = Proc::fulfillment(&dir.path().join("ledger.db")).await;
-    let fulfillment_url = format!("http://{}", fulfillment.addr);
-    let mut edge = Proc::start(
-        "webhook-edge",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--fulfillment-url",
-            &fulfillment_url,
-        ],
-        &[("COINFLOW_WEBHOOK_KEYS", KEY)],
-        "addr",
-    )
-    .await;
+    let mut edge = Proc::edge(fulfillment.addr, KEY, &[]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     assert_eq!(
         Http::default()
@@ -240,24 +226,8 @@ async fn logs_never_contain_keys_authorization_or_signatures() {
         "addr",
     )
     .await;
-    let fulfillment_url = format!("http://{}", fulfillment.addr);
-    let mut edge = Proc::start(
-        "webhook-edge",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--fulfillment-url",
-            &fulfillment_url,
-        ],
-        &[
-            ("COINFLOW_WEBHOOK_KEYS", &format!("{KEY},second-secret-key")),
-            ("RUST_LOG", "trace"),
-        ],
-        "addr",
-    )
-    .await;
+    let keys = format!("{KEY},second-secret-key");
+    let mut edge = Proc::edge(fulfillment.addr, &keys, &[("RUST_LOG", "trace")]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     let http = Http::default();
     let body = fixture("settled-sword.json");

@@ -6,6 +6,21 @@ use coinflow_tests::{EdgeHandle, Stack, edge_config, free_addr};
 use http::{Method, StatusCode};
 use tokio::net::TcpListener;
 
+/// A TCP peer that accepts connections, never answers, and says when it accepted one.
+async fn silent_peer() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<()>) {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let (accepted_tx, accepted_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+            let _ = accepted_tx.try_send(());
+        }
+    });
+    (addr, accepted_rx)
+}
+
 #[tokio::test]
 async fn ok_is_success_true() {
     let stack = Stack::start().await;
@@ -194,14 +209,7 @@ async fn fulfillment_down_is_503_with_retry_after() {
 #[tokio::test]
 async fn slow_fulfillment_is_503_within_the_deadline() {
     // A peer that accepts connections and never answers: the deadline must fire.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (addr, _accepted) = silent_peer().await;
     let mut config = edge_config(addr);
     config.deliver_deadline_ms = 400;
     // Only the delivery deadline can end this request: the request timeout is far away.
@@ -217,16 +225,7 @@ async fn slow_fulfillment_is_503_within_the_deadline() {
 #[tokio::test]
 async fn overload_is_shed_at_once_with_503() {
     // One slot, held by a request stuck on a silent ingest peer.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-            let _ = accepted_tx.try_send(());
-        }
-    });
+    let (addr, mut accepted_rx) = silent_peer().await;
     let mut config = edge_config(addr);
     config.max_concurrency = 1;
     config.deliver_deadline_ms = 3000;
