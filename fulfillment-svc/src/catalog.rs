@@ -9,12 +9,22 @@
 //! [items.sword]
 //! price = { cents = 500, currency = "USD" }
 //! grants = [{ sku = "sword", quantity = 1 }]
+//!
+//! # Skus game servers may spend through `Consume` (currencies).
+//! [skus.credits]
+//! consumable = true
 //! ```
 //!
-//! Prices come from here, never from the webhook.
+//! Prices come from here, never from the webhook. [`CatalogHandle`] holds the live catalog
+//! and swaps in a new file on SIGHUP or when it changes, keeping the old one when the new
+//! one is invalid.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -28,6 +38,18 @@ pub struct Catalog {
     pub version: String,
     /// Entries by name.
     pub items: BTreeMap<String, Item>,
+    /// Sku properties, by sku.
+    pub skus: BTreeMap<String, Sku>,
+}
+
+/// What a sku is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sku {
+    /// A currency-like sku that game servers spend with `Consume`. After a chargeback its
+    /// balance can go negative: debt.
+    #[serde(default)]
+    pub consumable: bool,
 }
 
 /// One sellable entry.
@@ -51,7 +73,7 @@ pub struct Price {
 }
 
 /// A sku and how many of it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     /// The sku the merchant's game or app understands.
@@ -67,6 +89,8 @@ struct File {
     version: Option<String>,
     #[serde(default)]
     items: BTreeMap<String, Item>,
+    #[serde(default)]
+    skus: BTreeMap<String, Sku>,
 }
 
 /// Why a catalog was refused. Each message names the file and the entry.
@@ -101,11 +125,7 @@ pub enum CatalogError {
 impl Catalog {
     /// Reads and validates a catalog file.
     pub fn load(path: &Path) -> Result<Self, CatalogError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&read(path)?, &path.display().to_string())
     }
 
     /// Parses and validates catalog text; `origin` names it in errors.
@@ -135,12 +155,97 @@ impl Catalog {
                 &hex::encode(Sha256::digest(text.as_bytes()))[..16]
             ),
         };
+        if let Some(name) = file.skus.keys().find(|s| s.trim().is_empty()) {
+            return Err(invalid(format!(
+                "skus.{name:?}: a sku name must not be empty"
+            )));
+        }
         Ok(Self {
             item_key: file.item_key,
             version,
             items: file.items,
+            skus: file.skus,
         })
     }
+
+    /// Whether `sku` may be consumed.
+    pub fn is_consumable(&self, sku: &str) -> bool {
+        self.skus.get(sku).is_some_and(|s| s.consumable)
+    }
+}
+
+/// The live catalog, swapped atomically on reload. Readers take an `Arc` and keep a
+/// consistent catalog for the whole request.
+#[derive(Debug)]
+pub struct CatalogHandle {
+    path: PathBuf,
+    current: RwLock<(Arc<Catalog>, String)>,
+}
+
+impl CatalogHandle {
+    /// Loads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, CatalogError> {
+        let text = read(path)?;
+        let catalog = Catalog::parse(&text, &path.display().to_string())?;
+        Ok(Self {
+            path: path.to_owned(),
+            current: RwLock::new((Arc::new(catalog), text)),
+        })
+    }
+
+    /// The catalog now.
+    pub fn current(&self) -> Arc<Catalog> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    /// Re-reads the file. `Ok(true)` when a new catalog was swapped in, `Ok(false)` when
+    /// the file is unchanged; on error the old catalog stays.
+    pub fn reload(&self) -> Result<bool, CatalogError> {
+        let text = read(&self.path)?;
+        if self.current.read().unwrap_or_else(|p| p.into_inner()).1 == text {
+            return Ok(false);
+        }
+        let catalog = Catalog::parse(&text, &self.path.display().to_string())?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(catalog), text);
+        Ok(true)
+    }
+
+    /// Reloads on SIGHUP and whenever the file's content changes (checked every
+    /// `interval`; this also follows Kubernetes ConfigMap symlink swaps), until `shutdown`.
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = hangup => tracing::info!("SIGHUP: reloading the catalog"),
+                () = tokio::time::sleep(interval) => {}
+            }
+            match self.reload() {
+                Ok(true) => {
+                    let c = self.current();
+                    tracing::info!(version = %c.version, items = c.items.len(), "catalog reloaded");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "catalog reload failed; keeping the previous catalog"
+                ),
+            }
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, CatalogError> {
+    std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn validate_item(item: &Item) -> Result<(), String> {
@@ -202,6 +307,28 @@ mod tests {
         assert_eq!(c.item_key, "item");
         assert!(c.items.contains_key("sword"));
         assert!(c.items.contains_key("credits-1000"));
+        assert!(c.is_consumable("credits"));
+        assert!(!c.is_consumable("sword"));
+    }
+
+    #[test]
+    fn reload_swaps_valid_files_and_keeps_the_old_one_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        let handle = CatalogHandle::load(&path).unwrap();
+        assert!(!handle.reload().unwrap(), "unchanged file");
+        std::fs::write(&path, GOOD.replace("cents = 500", "cents = 400")).unwrap();
+        assert!(handle.reload().unwrap());
+        assert_eq!(handle.current().items["sword"].price.cents, 400);
+        std::fs::write(&path, GOOD.replace("cents = 500", "cents = -1")).unwrap();
+        let err = handle.reload().unwrap_err().to_string();
+        assert!(err.contains("items.sword"), "{err}");
+        assert_eq!(
+            handle.current().items["sword"].price.cents,
+            400,
+            "the old catalog stays"
+        );
     }
 
     #[test]

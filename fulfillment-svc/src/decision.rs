@@ -113,6 +113,42 @@ fn plan_grant(event: &WebhookEvent, catalog: &Catalog) -> Result<GrantPlan, Held
     })
 }
 
+/// The plan an operator's approval grants for a held `event`: "as if it had matched",
+/// so price and currency are not checked. `item` overrides the entry `webhookInfo` names.
+/// The error says what to fix.
+pub fn approval_plan(
+    event: &WebhookEvent,
+    catalog: &Catalog,
+    item: Option<&str>,
+) -> Result<GrantPlan, String> {
+    let payment_id = event
+        .payment_id
+        .clone()
+        .ok_or("the held event has no payment id")?;
+    let named = event
+        .webhook_info
+        .as_ref()
+        .and_then(|i| struct_str(i, &catalog.item_key));
+    let name = item.or(named).ok_or(
+        "the held event's webhookInfo names no item: pass approve.item with a catalog entry",
+    )?;
+    let entry = catalog.items.get(name).ok_or_else(|| {
+        format!("item {name:?} is not in the catalog (version {}): pass approve.item with a catalog entry", catalog.version)
+    })?;
+    let wallet = event
+        .wallet
+        .clone()
+        .ok_or("the held event has no wallet to grant to")?;
+    Ok(GrantPlan {
+        payment_id,
+        wallet,
+        raw_customer_id: event.raw_customer_id.clone(),
+        item: name.to_owned(),
+        catalog_version: catalog.version.clone(),
+        grants: entry.grants.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
@@ -223,6 +259,30 @@ mod tests {
                 "{data}"
             );
         }
+    }
+
+    #[test]
+    fn approval_grants_the_named_or_overridden_item_whatever_was_paid() {
+        let underpaid = event(
+            r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":1}}"#,
+        );
+        let plan = approval_plan(&underpaid, &catalog(), None).unwrap();
+        assert_eq!((plan.item.as_str(), plan.grants.len()), ("sword", 1));
+        let unknown = event(r#"{"id":"p","wallet":"w","webhookInfo":{"item":"axe"}}"#);
+        let err = approval_plan(&unknown, &catalog(), None).unwrap_err();
+        assert!(err.contains("\"axe\" is not in the catalog"), "{err}");
+        assert_eq!(
+            approval_plan(&unknown, &catalog(), Some("sword"))
+                .unwrap()
+                .item,
+            "sword"
+        );
+        let no_wallet = event(r#"{"id":"p","webhookInfo":{"item":"sword"}}"#);
+        assert!(
+            approval_plan(&no_wallet, &catalog(), None)
+                .unwrap_err()
+                .contains("wallet")
+        );
     }
 
     #[test]

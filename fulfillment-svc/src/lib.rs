@@ -3,9 +3,11 @@
 //! An event arrives over gRPC ([`grpc::ingest`]), is decided purely from the event and the
 //! [`catalog`] ([`decision`]), and is recorded with its grant in one durable transaction
 //! ([`store`]). The query API ([`grpc::query`]) reads the ledger; a payment's state is
-//! derived from the set of its events ([`lifecycle`]). [`server`] wires it together.
+//! derived from the set of its events ([`lifecycle`]). [`server`] wires it together;
+//! [`cli`] is the operator command line over the gRPC API.
 
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod grpc;

@@ -1,18 +1,23 @@
-//! A payment's state, derived from the *set* of event types seen for it, never from the
-//! order they arrived in. This is the one place the state table lives.
+//! A payment's state, and whether its grant should stand, derived from the *set* of
+//! events seen for it, never from the order they arrived in. This is the one place the
+//! state table lives.
 //!
-//! | state    | when the set contains                                            |
-//! |----------|------------------------------------------------------------------|
-//! | reversed | a refund, a lost chargeback, or an ACH return / chargeback      |
-//! | restored | Chargeback Opened and Chargeback Won (and no reversal)           |
-//! | disputed | Chargeback Opened (and none of the above)                        |
-//! | settled  | Settled (and none of the above)                                  |
-//! | failed   | Declined, Suspected Fraud, Voided, Expiration or ACH Failed      |
-//! | pending  | Authorized, Pending Review, ACH Initiated or ACH Batched         |
-//! | unknown  | none of these (e.g. only event types of other families)          |
+//! | state    | when the set contains (rows checked top to bottom)                      |
+//! |----------|--------------------------------------------------------------------------|
+//! | reversed | a refund (not `Failed`), a lost chargeback, ACH Returned, ACH Chargeback |
+//! | restored | a chargeback Won (after Opened, in whatever order they arrived)          |
+//! | disputed | a chargeback Opened                                                      |
+//! | settled  | Settled                                                                  |
+//! | failed   | Declined, Suspected Fraud, Voided, Payment Expiration, ACH Failed        |
+//! | pending  | Authorized, Pending Review, ACH Initiated, ACH Batched                   |
+//! | unknown  | none of these (e.g. only event types of other families)                  |
 //!
-//! Rows are checked top to bottom, so a late `Card Payment Authorized` never moves a
-//! settled payment back, and a `Refund` seen before its `Settled` still reads reversed.
+//! So a late `Card Payment Authorized` never moves a settled payment back, and a `Refund`
+//! seen before its `Settled` still reads reversed. Chargeback events exist for cards,
+//! PayPal and Venmo with the same Opened / Won / Lost names.
+//!
+//! Whether the payment's planned grant stands ([`Facts::entitled`]):
+//! settled, and not reversed, and not disputed under [`ChargebackPolicy::RevokeOnOpen`].
 
 /// The state of one payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,59 +53,99 @@ impl PaymentState {
     }
 }
 
-const REVERSED: &[&str] = &[
-    "Refund",
-    "Refund Complete",
-    "Card Payment Chargeback Lost",
-    "ACH Returned",
-    "ACH Chargeback",
-    "PayPal Chargeback Lost",
-    "Venmo Chargeback Lost",
-];
-const OPENED: &[&str] = &[
-    "Card Payment Chargeback Opened",
-    "PayPal Chargeback Opened",
-    "Venmo Chargeback Opened",
-];
-const WON: &[&str] = &[
-    "Card Payment Chargeback Won",
-    "PayPal Chargeback Won",
-    "Venmo Chargeback Won",
-];
-const FAILED: &[&str] = &[
+/// What to do with a grant while a chargeback is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ChargebackPolicy {
+    /// Revoke when the chargeback opens; restore if it is won.
+    #[default]
+    RevokeOnOpen,
+    /// Keep the grant until the chargeback is lost.
+    HoldUntilLost,
+}
+
+const PROCESSORS: [&str; 3] = ["Card Payment", "PayPal", "Venmo"];
+const REFUNDS: [&str; 2] = ["Refund", "Refund Complete"];
+const ACH_REVERSALS: [&str; 2] = ["ACH Returned", "ACH Chargeback"];
+const FAILED: [&str; 5] = [
     "Card Payment Declined",
     "Card Payment Suspected Fraud",
     "Card Payment Voided",
     "Payment Expiration",
     "ACH Failed",
 ];
-const PENDING: &[&str] = &[
+const PENDING: [&str; 4] = [
     "Card Payment Authorized",
     "Payment Pending Review",
     "ACH Initiated",
     "ACH Batched",
 ];
 
-/// Derives the state from the event types seen, in any order, duplicates allowed.
-pub fn state<'a>(event_types: impl IntoIterator<Item = &'a str>) -> PaymentState {
-    let (mut reversed, mut opened, mut won, mut settled, mut failed, mut pending) =
-        (false, false, false, false, false, false);
-    for t in event_types {
-        reversed |= REVERSED.contains(&t);
-        opened |= OPENED.contains(&t);
-        won |= WON.contains(&t);
-        settled |= t == crate::decision::SETTLED;
-        failed |= FAILED.contains(&t);
-        pending |= PENDING.contains(&t);
+fn is_chargeback(event_type: &str, outcome: &str) -> bool {
+    PROCESSORS.iter().any(|p| {
+        event_type
+            .strip_prefix(p)
+            .and_then(|rest| rest.strip_prefix(" Chargeback "))
+            == Some(outcome)
+    })
+}
+
+/// What the set of a payment's events says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// A `Settled` was seen.
+    pub settled: bool,
+    /// A refund (not failed), a lost chargeback or an ACH reversal was seen.
+    pub reversed: bool,
+    /// A chargeback was opened.
+    pub opened: bool,
+    /// A chargeback was won.
+    pub won: bool,
+    /// The payment failed.
+    pub failed: bool,
+    /// The payment is in progress.
+    pub pending: bool,
+}
+
+impl Facts {
+    /// Folds one event (its type, and `data.status` for refunds) into the facts.
+    pub fn add(&mut self, event_type: &str, refund_status: Option<&str>) {
+        let t = event_type;
+        self.settled |= t == crate::decision::SETTLED;
+        self.reversed |= (REFUNDS.contains(&t) && refund_status != Some("Failed"))
+            || ACH_REVERSALS.contains(&t)
+            || is_chargeback(t, "Lost");
+        self.opened |= is_chargeback(t, "Opened");
+        self.won |= is_chargeback(t, "Won");
+        self.failed |= FAILED.contains(&t);
+        self.pending |= PENDING.contains(&t);
     }
-    match () {
-        () if reversed => PaymentState::Reversed,
-        () if opened && won => PaymentState::Restored,
-        () if opened => PaymentState::Disputed,
-        () if settled => PaymentState::Settled,
-        () if failed => PaymentState::Failed,
-        () if pending => PaymentState::Pending,
-        () => PaymentState::Unknown,
+
+    /// The facts of a set of events, in any order, duplicates allowed.
+    pub fn of<'a>(events: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Self {
+        let mut facts = Self::default();
+        for (t, status) in events {
+            facts.add(t, status);
+        }
+        facts
+    }
+
+    /// The state table above.
+    pub fn state(&self) -> PaymentState {
+        match () {
+            () if self.reversed => PaymentState::Reversed,
+            () if self.won => PaymentState::Restored,
+            () if self.opened => PaymentState::Disputed,
+            () if self.settled => PaymentState::Settled,
+            () if self.failed => PaymentState::Failed,
+            () if self.pending => PaymentState::Pending,
+            () => PaymentState::Unknown,
+        }
+    }
+
+    /// Whether the payment's planned grant should stand under `policy`.
+    pub fn entitled(&self, policy: ChargebackPolicy) -> bool {
+        let disputed = self.opened && !self.won;
+        self.settled && !self.reversed && !(disputed && policy == ChargebackPolicy::RevokeOnOpen)
     }
 }
 
@@ -108,8 +153,12 @@ pub fn state<'a>(event_types: impl IntoIterator<Item = &'a str>) -> PaymentState
 mod tests {
     use super::*;
 
+    fn facts(set: &[&str]) -> Facts {
+        Facts::of(set.iter().map(|t| (*t, None)))
+    }
+
     #[test]
-    fn the_table_in_any_order() {
+    fn the_state_table_in_any_order() {
         use PaymentState::*;
         for (set, want) in [
             (vec!["Card Payment Authorized"], Pending),
@@ -133,11 +182,62 @@ mod tests {
                 ],
                 Reversed,
             ),
+            (vec!["Settled", "PayPal Chargeback Opened"], Disputed),
+            (vec!["Settled", "Venmo Chargeback Lost"], Reversed),
+            (vec!["Settled", "ACH Returned"], Reversed),
             (vec!["Withdraw Pending"], Unknown),
             (vec![], Unknown),
         ] {
-            assert_eq!(state(set.iter().copied()), want, "{set:?}");
-            assert_eq!(state(set.iter().rev().copied()), want, "{set:?} reversed");
+            assert_eq!(facts(&set).state(), want, "{set:?}");
+            let reversed: Vec<_> = set.iter().rev().copied().collect();
+            assert_eq!(facts(&reversed).state(), want, "{set:?} reversed");
+        }
+    }
+
+    #[test]
+    fn a_failed_refund_reverses_nothing() {
+        let f = Facts::of([("Settled", None), ("Refund", Some("Failed"))]);
+        assert_eq!(f.state(), PaymentState::Settled);
+        assert!(f.entitled(ChargebackPolicy::RevokeOnOpen));
+        let f = Facts::of([("Settled", None), ("Refund", Some("Pending"))]);
+        assert!(!f.entitled(ChargebackPolicy::RevokeOnOpen));
+    }
+
+    #[test]
+    fn entitlement_follows_the_chargeback_policy() {
+        use ChargebackPolicy::*;
+        for (set, revoke_on_open, hold_until_lost) in [
+            (vec!["Settled"], true, true),
+            (vec!["Card Payment Authorized"], false, false),
+            (
+                vec!["Settled", "Card Payment Chargeback Opened"],
+                false,
+                true,
+            ),
+            (
+                vec![
+                    "Settled",
+                    "Card Payment Chargeback Opened",
+                    "Card Payment Chargeback Won",
+                ],
+                true,
+                true,
+            ),
+            (
+                vec![
+                    "Settled",
+                    "Card Payment Chargeback Opened",
+                    "Card Payment Chargeback Lost",
+                ],
+                false,
+                false,
+            ),
+            (vec!["Settled", "Refund"], false, false),
+            (vec!["Refund"], false, false),
+        ] {
+            let f = facts(&set);
+            assert_eq!(f.entitled(RevokeOnOpen), revoke_on_open, "{set:?}");
+            assert_eq!(f.entitled(HoldUntilLost), hold_until_lost, "{set:?}");
         }
     }
 }

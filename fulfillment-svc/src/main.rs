@@ -1,9 +1,11 @@
-//! The fulfillment-svc binary: parse flags, install logging, serve until SIGTERM.
+//! The fulfillment-svc binary: serve (the default), and the operator CLI.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coinflow_shared::config::LogFormat;
+use coinflow_shared::proto::v1::payer::Id as PayerId;
 use fulfillment_svc::catalog::Catalog;
+use fulfillment_svc::cli::{self, HeldCommand, Target};
 use fulfillment_svc::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +31,31 @@ enum Command {
         /// The catalog file.
         path: std::path::PathBuf,
     },
+    /// The review queue: list, approve or reject held payments.
+    Held {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: HeldCommand,
+    },
+    /// Show a payment: state, events and ledger entries.
+    Payment {
+        #[command(flatten)]
+        target: Target,
+        /// The payment id.
+        payment_id: String,
+    },
+    /// Show a payer's net entitlements.
+    Entitlements {
+        #[command(flatten)]
+        target: Target,
+        /// By wallet.
+        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        wallet: Option<String>,
+        /// By the merchant's user id (rawCustomerId).
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -40,17 +67,30 @@ async fn main() -> anyhow::Result<()> {
     ))
     .context("installing the log subscriber")?;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckCatalog { path } => {
-            let catalog = Catalog::load(&path)?;
-            tracing::info!(version = %catalog.version, items = catalog.items.len(), "catalog is valid");
-            Ok(())
-        }
         Command::Serve => {
             let server = Server::build(cli.config).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(coinflow_shared::shutdown::on_signal(shutdown.clone()));
             server.run(shutdown).await?;
-            Ok(())
+        }
+        Command::CheckCatalog { path } => {
+            let catalog = Catalog::load(&path)?;
+            tracing::info!(version = %catalog.version, items = catalog.items.len(), "catalog is valid");
+        }
+        Command::Held { target, command } => cli::held(&target, command).await?,
+        Command::Payment { target, payment_id } => cli::payment(&target, payment_id).await?,
+        Command::Entitlements {
+            target,
+            wallet,
+            user,
+        } => {
+            let payer = match (wallet, user) {
+                (Some(w), _) => PayerId::Wallet(w),
+                (None, Some(u)) => PayerId::RawCustomerId(u),
+                (None, None) => anyhow::bail!("pass --wallet or --user"),
+            };
+            cli::entitlements(&target, payer).await?;
         }
     }
+    Ok(())
 }

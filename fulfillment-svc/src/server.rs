@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use coinflow_shared::proto::FILE_DESCRIPTOR_SET;
 use coinflow_shared::proto::v1::fulfillment_server::FulfillmentServer;
@@ -12,10 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{CatalogError, CatalogHandle};
 use crate::config::Config;
+use crate::grpc::auth::BearerAuth;
 use crate::grpc::ingest::IngestService;
 use crate::grpc::query::QueryService;
+use crate::lifecycle::ChargebackPolicy;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -28,6 +31,12 @@ pub enum StartError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No bearer tokens, and unauthenticated serving was not asked for.
+    #[error(
+        "no API tokens: set FULFILLMENT_API_TOKENS (comma-separated), or pass \
+         --allow-unauthenticated for local development"
+    )]
+    NoTokens,
     /// The database URL names no supported backend.
     #[error("unsupported database URL {0:?}: expected sqlite://<path>")]
     UnsupportedDatabase(String),
@@ -48,9 +57,9 @@ pub enum StartError {
 }
 
 /// Opens the storage backend that `url`'s scheme names.
-pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, StartError> {
+pub async fn open_store(url: &str, policy: ChargebackPolicy) -> Result<Arc<dyn Store>, StartError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url).await?))
+        Ok(Arc::new(SqliteStore::open(url, policy).await?))
     } else {
         Err(StartError::UnsupportedDatabase(url.to_owned()))
     }
@@ -60,15 +69,18 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, StartError> {
 pub struct Server {
     listener: TcpListener,
     store: Arc<dyn Store>,
-    catalog: Arc<Catalog>,
+    catalog: Arc<CatalogHandle>,
     config: Config,
 }
 
 impl Server {
     /// Loads the catalog, opens and migrates the database, and binds the listener.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let catalog = Arc::new(Catalog::load(&config.catalog)?);
-        let store = open_store(&config.database_url).await?;
+        if config.api_tokens.0.is_empty() && !config.allow_unauthenticated {
+            return Err(StartError::NoTokens);
+        }
+        let catalog = Arc::new(CatalogHandle::load(&config.catalog)?);
+        let store = open_store(&config.database_url, config.chargeback_policy).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -76,9 +88,12 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let current = catalog.current();
         tracing::info!(
-            catalog_version = %catalog.version,
-            items = catalog.items.len(),
+            catalog_version = %current.version,
+            items = current.items.len(),
+            chargeback_policy = ?config.chargeback_policy,
+            authenticated = !config.api_tokens.0.is_empty(),
             "catalog loaded"
         );
         Ok(Self {
@@ -109,6 +124,16 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
+        let api_auth = BearerAuth::new(self.config.api_tokens.0.clone());
+        let ingest_auth = BearerAuth::new(if self.config.ingest_tokens.0.is_empty() {
+            self.config.api_tokens.0.clone()
+        } else {
+            self.config.ingest_tokens.0.clone()
+        });
+        tokio::spawn(Arc::clone(&self.catalog).watch(
+            Duration::from_secs(self.config.catalog_reload_secs.max(1)),
+            shutdown.clone(),
+        ));
         let signal = shutdown.clone();
         let draining = {
             let health = health.clone();
@@ -122,13 +147,18 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(IngestServer::new(IngestService::new(
-                Arc::clone(&self.store),
-                Arc::clone(&self.catalog),
-            )))
-            .add_service(FulfillmentServer::new(QueryService::new(Arc::clone(
-                &self.store,
-            ))))
+            .add_service(IngestServer::with_interceptor(
+                IngestService::new(Arc::clone(&self.store), Arc::clone(&self.catalog)),
+                ingest_auth,
+            ))
+            .add_service(FulfillmentServer::with_interceptor(
+                QueryService::new(
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.catalog),
+                    shutdown.clone(),
+                ),
+                api_auth,
+            ))
             .serve_with_incoming_shutdown(TcpIncoming::from(self.listener), draining);
         tracing::info!(%addr, "fulfillment-svc listening");
 

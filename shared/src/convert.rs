@@ -16,6 +16,11 @@ use crate::proto::v1::{Money as PMoney, RefundTotals, WebhookEvent};
 pub fn to_proto(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) -> WebhookEvent {
     let event_key = event_key(&envelope, &raw_body);
     let data = &envelope.data;
+    let refund_status = envelope
+        .event_type
+        .starts_with("Refund")
+        .then(|| data.str("status").map(str::to_owned))
+        .flatten();
     let refund_totals = data.object("totals").map(|totals| RefundTotals {
         subtotal: money_in(totals, "subtotal").map(money),
         processor_fees: money_in(totals, "processorFees").map(money),
@@ -38,6 +43,7 @@ pub fn to_proto(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) ->
         total: data.money("total").map(money),
         refund_totals,
         chargeback_id: data.str("chargebackId").map(str::to_owned),
+        refund_status,
         received_at: Some(Timestamp::from(received_at)),
         raw_body,
         event_type: envelope.event_type,
@@ -145,6 +151,7 @@ mod tests {
         let totals = ev.refund_totals.unwrap();
         assert_eq!(totals.subtotal.unwrap().cents, 500);
         assert_eq!(totals.total.unwrap().cents, 515);
+        assert_eq!(ev.refund_status.as_deref(), Some("Pending"));
     }
 
     #[test]

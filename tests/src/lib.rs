@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use coinflow_shared::config::{SecretList, parse_secret_list};
 use coinflow_shared::proto::v1::fulfillment_client::FulfillmentClient;
-use coinflow_shared::proto::v1::get_entitlements_request::Payer;
+use coinflow_shared::proto::v1::payer::Id as Payer;
 use coinflow_shared::proto::v1::{GetEntitlementsRequest, GetPaymentRequest, Payment};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,10 @@ use tonic::transport::Channel;
 
 /// The validation key every test stack trusts.
 pub const KEY: &str = "cf_whk_test_0123456789abcdef";
+/// The bearer token of the query API in every test stack.
+pub const API_TOKEN: &str = "test-api-token";
+/// The bearer token the edge presents to ingest in every test stack.
+pub const INGEST_TOKEN: &str = "test-ingest-token";
 
 /// The repo's `fixtures/` folder.
 pub fn fixtures_dir() -> PathBuf {
@@ -49,12 +53,24 @@ pub struct FulfillmentHandle {
 impl FulfillmentHandle {
     /// Starts one on `listen` over the SQLite file `db`.
     pub async fn start_on(db: &Path, listen: SocketAddr) -> Self {
-        let config = fulfillment_svc::Config {
-            listen,
-            database_url: format!("sqlite://{}", db.display()),
-            catalog: catalog_path(),
-            shutdown_grace_secs: 5,
-        };
+        Self::start_with(db, |c| c.listen = listen).await
+    }
+
+    /// The test config for the SQLite file `db`: example catalog, test tokens, port 0.
+    pub fn config(db: &Path) -> fulfillment_svc::Config {
+        let mut config = fulfillment_svc::Config::local(
+            format!("sqlite://{}", db.display()),
+            catalog_path(),
+            API_TOKEN,
+        );
+        config.ingest_tokens = keys(&[INGEST_TOKEN]);
+        config
+    }
+
+    /// Starts one over `db` with the test config as `tweak` adjusts it.
+    pub async fn start_with(db: &Path, tweak: impl FnOnce(&mut fulfillment_svc::Config)) -> Self {
+        let mut config = Self::config(db);
+        tweak(&mut config);
         let server = fulfillment_svc::Server::build(config).await.unwrap();
         let addr = server.local_addr();
         let shutdown = CancellationToken::new();
@@ -114,7 +130,9 @@ impl EdgeHandle {
 
 /// The default edge config for a fulfillment at `addr`.
 pub fn edge_config(fulfillment: SocketAddr) -> webhook_edge::Config {
-    webhook_edge::Config::local(keys(&[KEY]), format!("http://{fulfillment}"))
+    let mut config = webhook_edge::Config::local(keys(&[KEY]), format!("http://{fulfillment}"));
+    config.ingest_token = Some(INGEST_TOKEN.into());
+    config
 }
 
 /// Both services on a fresh temp database.
@@ -153,17 +171,29 @@ impl Stack {
     }
 }
 
-/// A typed client of the query API.
-pub struct Query(pub FulfillmentClient<Channel>);
+/// Adds the test API token to every call.
+pub type Bearer = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+fn bearer(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {API_TOKEN}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// An authenticated query client.
+pub type QueryClient =
+    FulfillmentClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A typed client of the query API, authenticated with [`API_TOKEN`].
+pub struct Query(pub QueryClient);
 
 impl Query {
     /// Connects to `addr`.
     pub async fn connect(addr: SocketAddr) -> Self {
-        Self(
-            FulfillmentClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap(),
-        )
+        Self(FulfillmentClient::with_interceptor(
+            channel(addr).await,
+            bearer as Bearer,
+        ))
     }
 
     /// Net entitlements of a wallet as (sku, quantity), sorted by sku.
@@ -175,7 +205,9 @@ impl Query {
     pub async fn entitlements(&mut self, payer: Payer) -> Vec<(String, i64)> {
         let r = self
             .0
-            .get_entitlements(GetEntitlementsRequest { payer: Some(payer) })
+            .get_entitlements(GetEntitlementsRequest {
+                payer: Some(coinflow_shared::proto::v1::Payer { id: Some(payer) }),
+            })
             .await
             .unwrap()
             .into_inner();

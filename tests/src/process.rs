@@ -81,6 +81,11 @@ impl Proc {
 
     /// fulfillment-svc over the SQLite file `db`, on a free port.
     pub async fn fulfillment(db: &Path) -> Self {
+        Self::fulfillment_env(db, &[]).await
+    }
+
+    /// fulfillment-svc over `db` with extra environment.
+    pub async fn fulfillment_env(db: &Path, env: &[(&str, &str)]) -> Self {
         let url = format!("sqlite://{}", db.display());
         let catalog = crate::catalog_path();
         Self::start(
@@ -93,7 +98,14 @@ impl Proc {
                 "--catalog",
                 catalog.to_str().unwrap(),
             ],
-            &[],
+            &[
+                &[
+                    ("FULFILLMENT_API_TOKENS", crate::API_TOKEN),
+                    ("FULFILLMENT_INGEST_TOKENS", crate::INGEST_TOKEN),
+                ],
+                env,
+            ]
+            .concat(),
             "addr",
         )
         .await
@@ -102,7 +114,10 @@ impl Proc {
     /// webhook-edge in front of the ingest at `fulfillment`, trusting `keys`, on free ports.
     pub async fn edge(fulfillment: SocketAddr, keys: &str, env: &[(&str, &str)]) -> Self {
         let url = format!("http://{fulfillment}");
-        let mut all_env = vec![("COINFLOW_WEBHOOK_KEYS", keys)];
+        let mut all_env = vec![
+            ("COINFLOW_WEBHOOK_KEYS", keys),
+            ("EDGE_INGEST_TOKEN", crate::INGEST_TOKEN),
+        ];
         all_env.extend_from_slice(env);
         Self::start(
             "webhook-edge",

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use coinflow_shared::proto::v1::ingest_client::IngestClient;
 use coinflow_shared::proto::v1::{DeliverRequest, DeliverResponse, WebhookEvent};
+use secrecy::{ExposeSecret, SecretString};
 use tokio::time::{Instant, sleep, timeout_at};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -21,6 +23,9 @@ pub enum DeliverError {
     /// The ingest URL is invalid.
     #[error("invalid ingest URL: {0}")]
     BadUrl(String),
+    /// The ingest token is not a valid header value.
+    #[error("the ingest token must be printable ASCII")]
+    BadToken,
 }
 
 /// A client of the ingest service.
@@ -29,11 +34,25 @@ pub struct IngestTarget {
     channel: Channel,
     client: IngestClient<Channel>,
     deadline: Duration,
+    bearer: Option<MetadataValue<Ascii>>,
 }
 
 impl IngestTarget {
-    /// A lazily connecting client to `url`; each delivery gets `deadline`.
-    pub fn new(url: &str, deadline: Duration) -> Result<Self, DeliverError> {
+    /// A lazily connecting client to `url`; each delivery gets `deadline` and, when set,
+    /// `authorization: Bearer <token>`.
+    pub fn new(
+        url: &str,
+        deadline: Duration,
+        token: Option<&SecretString>,
+    ) -> Result<Self, DeliverError> {
+        let bearer = token
+            .map(|t| {
+                let mut v = MetadataValue::try_from(format!("Bearer {}", t.expose_secret()))
+                    .map_err(|_| DeliverError::BadToken)?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()?;
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| DeliverError::BadUrl(e.to_string()))?
             .connect_timeout(deadline.min(Duration::from_secs(1)))
@@ -45,6 +64,7 @@ impl IngestTarget {
             client: IngestClient::new(channel.clone()),
             channel,
             deadline,
+            bearer,
         })
     }
 
@@ -61,6 +81,11 @@ impl IngestTarget {
                 event: Some(event.clone()),
             });
             request.set_timeout(remaining);
+            if let Some(bearer) = &self.bearer {
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+            }
             let mut client = self.client.clone();
             match timeout_at(deadline, client.deliver(request)).await {
                 Err(_) => return Err(DeliverError::Deadline(self.deadline)),

@@ -27,6 +27,9 @@ pub struct Config {
         default_value = "http://127.0.0.1:50051"
     )]
     pub fulfillment_url: String,
+    /// The bearer token fulfillment's ingest expects (FULFILLMENT_INGEST_TOKENS).
+    #[arg(long, env = "EDGE_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<secrecy::SecretString>,
     /// Active Webhook Validation Keys, comma-separated (several during rotation).
     #[arg(
         long,
@@ -113,6 +116,7 @@ impl Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             path: "/webhooks/coinflow".into(),
             fulfillment_url,
+            ingest_token: None,
             keys,
             auth_mode: AuthMode::default(),
             signature_tolerance_secs: 300,

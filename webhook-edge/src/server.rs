@@ -56,6 +56,7 @@ impl Edge {
         let ingest = IngestTarget::new(
             &config.fulfillment_url,
             Config::ms(config.deliver_deadline_ms),
+            config.ingest_token.as_ref(),
         )?;
         let webhook = Arc::new(Webhook {
             path: config.path.clone(),

@@ -1,4 +1,4 @@
-//! `Ingest.Deliver`: decide, record durably, then ack.
+//! `Ingest.Deliver`: decide, record durably (reconciling the payment's ledger), then ack.
 
 use std::sync::Arc;
 
@@ -6,19 +6,20 @@ use coinflow_shared::proto::v1::ingest_server::Ingest;
 use coinflow_shared::proto::v1::{DeliverRequest, DeliverResponse};
 use tonic::{Request, Response, Status};
 
-use crate::catalog::Catalog;
+use super::invalid;
+use crate::catalog::CatalogHandle;
 use crate::decision::decide;
 use crate::store::Store;
 
 /// The ingest service.
 pub struct IngestService {
     store: Arc<dyn Store>,
-    catalog: Arc<Catalog>,
+    catalog: Arc<CatalogHandle>,
 }
 
 impl IngestService {
-    /// Serves ingest over `store`, pricing with `catalog`.
-    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>) -> Self {
+    /// Serves ingest over `store`, pricing with the live `catalog`.
+    pub fn new(store: Arc<dyn Store>, catalog: Arc<CatalogHandle>) -> Self {
         Self { store, catalog }
     }
 }
@@ -32,14 +33,17 @@ impl Ingest for IngestService {
         let event = request
             .into_inner()
             .event
-            .ok_or_else(|| Status::invalid_argument("DeliverRequest.event is required"))?;
+            .ok_or_else(|| invalid("event", "required"))?;
         if event.event_key.is_empty() {
-            return Err(Status::invalid_argument("event.event_key is required"));
+            return Err(invalid(
+                "event.event_key",
+                "required: the transport identity",
+            ));
         }
         if event.event_type.is_empty() {
-            return Err(Status::invalid_argument("event.event_type is required"));
+            return Err(invalid("event.event_type", "required"));
         }
-        let decision = decide(&event, &self.catalog);
+        let decision = decide(&event, &self.catalog.current());
         let ack = self.store.record(&event, &decision).await?;
         tracing::info!(
             event_type = %event.event_type,

@@ -1,6 +1,7 @@
-//! The gRPC boundary: service implementations and the one mapping from internal errors to
-//! gRPC status codes.
+//! The gRPC boundary: service implementations, bearer-token auth, and the one mapping
+//! from internal errors to gRPC status codes.
 
+pub mod auth;
 pub mod ingest;
 pub mod query;
 
@@ -10,15 +11,22 @@ use crate::store::StoreError;
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
-        match &e {
+        match e {
             StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry")
             }
+            StoreError::Precondition(why) => Status::failed_precondition(why),
+            StoreError::NotFound(why) => Status::not_found(why),
             StoreError::Internal(_) | StoreError::Setup(_) => {
                 tracing::error!(error = %e, "storage failure");
                 Status::internal("internal storage error")
             }
         }
     }
+}
+
+/// `INVALID_ARGUMENT` naming the field and what to put there.
+pub(crate) fn invalid(field: &str, fix: &str) -> Status {
+    Status::invalid_argument(format!("{field}: {fix}"))
 }

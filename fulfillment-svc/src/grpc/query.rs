@@ -1,29 +1,108 @@
-//! The `Fulfillment` query API for the merchant's internal services.
+//! The `Fulfillment` API for the merchant's internal services: entitlements, payments, the
+//! ledger (paged and streamed), consumption, and the review queue.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use coinflow_shared::convert::to_proto;
+use coinflow_shared::envelope::Envelope;
 use coinflow_shared::proto::v1::fulfillment_server::Fulfillment;
-use coinflow_shared::proto::v1::get_entitlements_request::Payer as PayerField;
+use coinflow_shared::proto::v1::resolve_held_request::Resolution as ResolutionField;
 use coinflow_shared::proto::v1::{
-    Entitlement, GetEntitlementsRequest, GetEntitlementsResponse, GetPaymentRequest,
-    GetPaymentResponse, Outcome, Payment,
+    self as pb, ConsumeRequest, ConsumeResponse, Entitlement, GetEntitlementsRequest,
+    GetEntitlementsResponse, GetPaymentRequest, GetPaymentResponse, LedgerEntry, ListHeldRequest,
+    ListHeldResponse, ListLedgerRequest, ListLedgerResponse, Outcome, Payment, RecordedEvent,
+    ResolveHeldRequest, ResolveHeldResponse, WatchEntitlementsRequest,
 };
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::lifecycle;
-use crate::store::{Payer, Store};
+use super::invalid;
+use crate::catalog::CatalogHandle;
+use crate::decision::approval_plan;
+use crate::lifecycle::Facts;
+use crate::store::{LedgerFilter, Payer, Resolution, Spend, Store, micros};
+
+/// How often a watch re-reads the ledger when no local commit woke it (commits made by
+/// other replicas sharing the database).
+const WATCH_POLL: Duration = Duration::from_secs(1);
+/// Entries a watch reads per query.
+const WATCH_BATCH: u32 = 500;
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
 
 /// The query service.
 pub struct QueryService {
     store: Arc<dyn Store>,
+    catalog: Arc<CatalogHandle>,
+    shutdown: CancellationToken,
 }
 
 impl QueryService {
-    /// Serves queries over `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// Serves over `store`; watch streams end when `shutdown` is cancelled.
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<CatalogHandle>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            catalog,
+            shutdown,
+        }
     }
 }
+
+fn payer(p: Option<pb::Payer>, field: &str) -> Result<Payer, Status> {
+    match p.and_then(|p| p.id) {
+        Some(pb::payer::Id::Wallet(w)) if !w.is_empty() => Ok(Payer::Wallet(w)),
+        Some(pb::payer::Id::RawCustomerId(c)) if !c.is_empty() => Ok(Payer::RawCustomerId(c)),
+        _ => Err(invalid(field, "set a non-empty wallet or raw_customer_id")),
+    }
+}
+
+fn page_size(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+fn decode_token(token: &str) -> Result<Option<i64>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix("v1:")
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            invalid(
+                "page_token",
+                "pass the next_page_token of the previous page unchanged",
+            )
+        })
+}
+
+fn encode_token(seq: i64) -> String {
+    format!("v1:{seq}")
+}
+
+fn micros_of(t: Option<prost_types::Timestamp>, field: &str) -> Result<Option<i64>, Status> {
+    t.map(|t| {
+        SystemTime::try_from(t)
+            .map(micros)
+            .map_err(|_| invalid(field, "a valid timestamp after 1970"))
+    })
+    .transpose()
+}
+
+type EntryStream = Pin<Box<dyn Stream<Item = Result<LedgerEntry, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Fulfillment for QueryService {
@@ -31,21 +110,17 @@ impl Fulfillment for QueryService {
         &self,
         request: Request<GetEntitlementsRequest>,
     ) -> Result<Response<GetEntitlementsResponse>, Status> {
-        let payer = match request.into_inner().payer {
-            Some(PayerField::Wallet(w)) if !w.is_empty() => Payer::Wallet(w),
-            Some(PayerField::RawCustomerId(c)) if !c.is_empty() => Payer::RawCustomerId(c),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "set payer: a non-empty wallet or raw_customer_id",
-                ));
-            }
-        };
+        let payer = payer(request.into_inner().payer, "payer")?;
         let entitlements = self
             .store
             .entitlements(&payer)
             .await?
             .into_iter()
-            .map(|(sku, quantity)| Entitlement { sku, quantity })
+            .map(|(sku, quantity)| Entitlement {
+                sku,
+                quantity,
+                debt: quantity < 0,
+            })
             .collect();
         Ok(Response::new(GetEntitlementsResponse { entitlements }))
     }
@@ -56,33 +131,268 @@ impl Fulfillment for QueryService {
     ) -> Result<Response<GetPaymentResponse>, Status> {
         let payment_id = request.into_inner().payment_id;
         if payment_id.is_empty() {
-            return Err(Status::invalid_argument("payment_id is required"));
+            return Err(invalid("payment_id", "required"));
         }
         let record = self.store.payment(&payment_id).await?.ok_or_else(|| {
             Status::not_found(format!("no events recorded for payment {payment_id:?}"))
         })?;
-        let state = lifecycle::state(record.events.iter().map(|e| e.event_type.as_str()));
-        let held_reason = if record.ledger.is_empty() {
+        let facts = Facts::of(
             record
                 .events
                 .iter()
-                .rev()
-                .find(|e| e.outcome == i32::from(Outcome::Held))
-                .and_then(|e| e.held_reason.clone())
-        } else {
+                .map(|(e, s)| (e.event_type.as_str(), s.as_deref())),
+        );
+        let held_reason = if record.planned || record.review.is_some() {
             None
+        } else {
+            record
+                .events
+                .iter()
+                .find(|(e, _)| e.outcome == i32::from(Outcome::Held))
+                .and_then(|(e, _)| e.held_reason.clone())
         };
-        let payer = record.ledger.first();
+        let payer = record.ledger.iter().find(|l| !l.wallet.is_empty());
         Ok(Response::new(GetPaymentResponse {
             payment: Some(Payment {
                 payment_id,
-                state: state.as_str().to_owned(),
+                state: facts.state().as_str().to_owned(),
                 held_reason,
                 wallet: payer.map(|l| l.wallet.clone()),
                 raw_customer_id: payer.and_then(|l| l.raw_customer_id.clone()),
-                events: record.events,
+                events: record.events.into_iter().map(|(e, _)| e).collect(),
                 ledger: record.ledger,
+                review: record.review,
             }),
         }))
     }
+
+    async fn list_ledger(
+        &self,
+        request: Request<ListLedgerRequest>,
+    ) -> Result<Response<ListLedgerResponse>, Status> {
+        let r = request.into_inner();
+        let filter = LedgerFilter {
+            payer: r.payer.map(|p| payer(Some(p), "payer")).transpose()?,
+            payment_id: r.payment_id.filter(|p| !p.is_empty()),
+            sku: r.sku.filter(|s| !s.is_empty()),
+            since_us: micros_of(r.since, "since")?,
+            until_us: micros_of(r.until, "until")?,
+        };
+        let limit = page_size(r.page_size);
+        let before = decode_token(&r.page_token)?;
+        let entries = self.store.list_ledger(&filter, before, limit).await?;
+        let next_page_token = match entries.last() {
+            Some(last) if entries.len() == limit as usize => encode_token(last.seq),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListLedgerResponse {
+            entries,
+            next_page_token,
+        }))
+    }
+
+    type WatchEntitlementsStream = EntryStream;
+
+    async fn watch_entitlements(
+        &self,
+        request: Request<WatchEntitlementsRequest>,
+    ) -> Result<Response<EntryStream>, Status> {
+        let r = request.into_inner();
+        let payer = r.payer.map(|p| payer(Some(p), "payer")).transpose()?;
+        if r.after_seq < 0 {
+            return Err(invalid(
+                "after_seq",
+                "0 or the seq of the last entry received",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(WATCH_BATCH as usize);
+        let (store, shutdown) = (Arc::clone(&self.store), self.shutdown.clone());
+        let mut commits = store.commits();
+        let mut after = r.after_seq;
+        tokio::spawn(async move {
+            loop {
+                commits.mark_unchanged();
+                let batch = match store
+                    .entries_after(payer.as_ref(), after, WATCH_BATCH)
+                    .await
+                {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let full = batch.len() == WATCH_BATCH as usize;
+                for entry in batch {
+                    after = entry.seq;
+                    if tx.send(Ok(entry)).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    _ = commits.changed() => {}
+                    () = tokio::time::sleep(WATCH_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn consume(
+        &self,
+        request: Request<ConsumeRequest>,
+    ) -> Result<Response<ConsumeResponse>, Status> {
+        let r = request.into_inner();
+        let spend = Spend {
+            payer: payer(r.payer, "payer")?,
+            sku: r.sku,
+            quantity: r.quantity,
+            idempotency_key: r.idempotency_key,
+        };
+        if spend.quantity <= 0 {
+            return Err(invalid("quantity", "a positive number"));
+        }
+        if spend.idempotency_key.is_empty() {
+            return Err(invalid(
+                "idempotency_key",
+                "required: your id for this spend",
+            ));
+        }
+        if !self.catalog.current().is_consumable(&spend.sku) {
+            return Err(Status::failed_precondition(format!(
+                "sku {:?} is not consumable: mark it `[skus.{}] consumable = true` in the catalog",
+                spend.sku, spend.sku
+            )));
+        }
+        let spent = self.store.consume(&spend).await?;
+        Ok(Response::new(ConsumeResponse {
+            entry: Some(spent.entry),
+            balance: spent.balance,
+            duplicate: spent.duplicate,
+        }))
+    }
+
+    async fn list_held(
+        &self,
+        request: Request<ListHeldRequest>,
+    ) -> Result<Response<ListHeldResponse>, Status> {
+        let r = request.into_inner();
+        let limit = page_size(r.page_size);
+        let after = decode_token(&r.page_token)?.unwrap_or(0);
+        let held = self.store.list_held(after, limit).await?;
+        let next_page_token = match held.last() {
+            Some(last) if held.len() == limit as usize => encode_token(last.seq),
+            _ => String::new(),
+        };
+        let held = held
+            .into_iter()
+            .map(|h| pb::HeldPayment {
+                state: Facts::of(
+                    h.event_types
+                        .iter()
+                        .map(|(t, s)| (t.as_str(), s.as_deref())),
+                )
+                .state()
+                .as_str()
+                .to_owned(),
+                held_reason: h.event.held_reason.clone().unwrap_or_default(),
+                payment_id: h.payment_id,
+                wallet: h.wallet,
+                raw_customer_id: h.raw_customer_id,
+                event: Some(h.event),
+            })
+            .collect();
+        Ok(Response::new(ListHeldResponse {
+            held,
+            next_page_token,
+        }))
+    }
+
+    async fn resolve_held(
+        &self,
+        request: Request<ResolveHeldRequest>,
+    ) -> Result<Response<ResolveHeldResponse>, Status> {
+        let r = request.into_inner();
+        if r.payment_id.is_empty() {
+            return Err(invalid("payment_id", "required"));
+        }
+        if r.operator.trim().is_empty() {
+            return Err(invalid(
+                "operator",
+                "required: who is deciding (recorded in the ledger)",
+            ));
+        }
+        let resolution = r
+            .resolution
+            .ok_or_else(|| invalid("resolution", "set approve or reject"))?;
+        let record = self.store.payment(&r.payment_id).await?.ok_or_else(|| {
+            Status::not_found(format!("no events recorded for payment {:?}", r.payment_id))
+        })?;
+        let wanted = match &resolution {
+            ResolutionField::Approve(_) => "approved",
+            ResolutionField::Reject(_) => "rejected",
+        };
+        if record.review.as_deref() == Some(wanted) {
+            return Ok(Response::new(ResolveHeldResponse {
+                review: wanted.to_owned(),
+                entries: Vec::new(),
+                duplicate: true,
+            }));
+        }
+        let held = record
+            .events
+            .iter()
+            .map(|(e, _)| e)
+            .find(|e| e.outcome == i32::from(Outcome::Held))
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "payment {:?} is not held for review",
+                    r.payment_id
+                ))
+            })?;
+        let event = held_event(held)?;
+        let resolution = match resolution {
+            ResolutionField::Approve(a) => Resolution::Approve(
+                approval_plan(&event, &self.catalog.current(), a.item.as_deref())
+                    .map_err(Status::failed_precondition)?,
+            ),
+            ResolutionField::Reject(_) => Resolution::Reject {
+                wallet: event.wallet.clone().unwrap_or_default(),
+                raw_customer_id: event.raw_customer_id.clone(),
+            },
+        };
+        let resolved = self
+            .store
+            .resolve(&r.payment_id, &resolution, r.operator.trim(), &r.note)
+            .await?;
+        tracing::info!(
+            payment_id = %r.payment_id,
+            review = %resolved.review,
+            operator = %r.operator.trim(),
+            entries = resolved.entries.len(),
+            "held payment resolved"
+        );
+        Ok(Response::new(ResolveHeldResponse {
+            review: resolved.review,
+            entries: resolved.entries,
+            duplicate: resolved.duplicate,
+        }))
+    }
+}
+
+/// The held event as the edge delivered it, rebuilt from its exact raw body.
+fn held_event(held: &RecordedEvent) -> Result<pb::WebhookEvent, Status> {
+    let envelope = Envelope::parse(&held.raw_body).map_err(|e| {
+        Status::internal(format!("the held event's stored body does not parse: {e}"))
+    })?;
+    Ok(to_proto(
+        envelope,
+        Bytes::clone(&held.raw_body),
+        SystemTime::now(),
+    ))
 }

@@ -2,21 +2,25 @@
 //! embedded default ([`sqlite`]).
 //!
 //! Every backend keeps these promises:
-//! - [`Store::record`] returns only after the event (and any grant) is committed durably.
-//! - It is idempotent on the transport identity: a second record of the same `event_key`,
-//!   even a concurrent one, changes nothing and returns the original outcome.
-//! - A payment is granted at most once, whatever the transport identity, enforced by the
-//!   database (`UNIQUE (payment_id, entry_no)`), not by process memory.
-//! - Events and ledger rows are never updated or deleted.
+//! - A write returns only after its transaction is committed durably.
+//! - [`Store::record`] is idempotent on the transport identity: a second record of the same
+//!   `event_key`, even a concurrent one, changes nothing and returns the original outcome.
+//! - A payment's ledger entries are computed by [`reconcile`] from the *set* of its events,
+//!   its plan and the policy, in the transaction that records the event, so any arrival
+//!   order and any number of duplicates converge on the same ledger. A second writer of the
+//!   same entry fails on `UNIQUE (payment_id, entry_no)` instead of doubling it.
+//! - Events, plans, reviews and ledger rows are never updated or deleted.
 
+pub mod reconcile;
 pub mod sqlite;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use coinflow_shared::proto::v1::{LedgerEntry, Outcome, RecordedEvent, WebhookEvent};
+use tokio::sync::watch;
 
-use crate::decision::Decision;
+use crate::decision::{Decision, GrantPlan};
 
 /// Storage failures, split by what the caller should do about them.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,12 @@ pub enum StoreError {
     /// Opening the database or applying migrations failed.
     #[error("storage setup failed: {0}")]
     Setup(String),
+    /// The request conflicts with what is recorded; the message says what to fix.
+    #[error("{0}")]
+    Precondition(String),
+    /// Nothing is recorded under that id.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// The result of recording one event.
@@ -55,21 +65,134 @@ pub enum Payer {
 /// Everything recorded for one payment.
 #[derive(Debug, Clone, Default)]
 pub struct PaymentRecord {
-    /// Its events, in the order recorded.
-    pub events: Vec<RecordedEvent>,
+    /// Its events, in the order recorded, with `data.status` of refunds.
+    pub events: Vec<(RecordedEvent, Option<String>)>,
     /// Its ledger entries, in the order recorded.
     pub ledger: Vec<LedgerEntry>,
+    /// `approved` or `rejected`, once reviewed.
+    pub review: Option<String>,
+    /// Whether a plan (a priced grant) exists.
+    pub planned: bool,
+}
+
+/// Ledger filters; all combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerFilter {
+    /// Only this payer.
+    pub payer: Option<Payer>,
+    /// Only this payment.
+    pub payment_id: Option<String>,
+    /// Only this sku.
+    pub sku: Option<String>,
+    /// Recorded at or after, in µs since the epoch.
+    pub since_us: Option<i64>,
+    /// Recorded before, in µs since the epoch.
+    pub until_us: Option<i64>,
+}
+
+/// A held payment waiting for review.
+#[derive(Debug, Clone)]
+pub struct HeldPayment {
+    /// The held event's `seq`: the cursor of the review queue.
+    pub seq: i64,
+    /// The first held Settled event.
+    pub event: RecordedEvent,
+    /// The payment.
+    pub payment_id: String,
+    /// Payer fields of the held event.
+    pub wallet: Option<String>,
+    /// Payer fields of the held event.
+    pub raw_customer_id: Option<String>,
+    /// `(event_type, refund status)` of every event of the payment, for its state.
+    pub event_types: Vec<(String, Option<String>)>,
+}
+
+/// How a review closes a held payment.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    /// Grant this plan.
+    Approve(GrantPlan),
+    /// Close with no grant; the audit entry carries this payer.
+    Reject {
+        /// The held event's wallet.
+        wallet: String,
+        /// The held event's user id.
+        raw_customer_id: Option<String>,
+    },
+}
+
+/// What a review did.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// `approved` or `rejected`.
+    pub review: String,
+    /// The entries written.
+    pub entries: Vec<LedgerEntry>,
+    /// The same resolution had been recorded before.
+    pub duplicate: bool,
+}
+
+/// A consumption request.
+#[derive(Debug, Clone)]
+pub struct Spend {
+    /// Who spends.
+    pub payer: Payer,
+    /// What.
+    pub sku: String,
+    /// How many (positive).
+    pub quantity: i64,
+    /// The caller's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// What a consumption did.
+#[derive(Debug, Clone)]
+pub struct Spent {
+    /// The consume entry (the original one for a repeat).
+    pub entry: LedgerEntry,
+    /// The payer's net of the sku afterwards.
+    pub balance: i64,
+    /// The key had been used before.
+    pub duplicate: bool,
 }
 
 /// The storage contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Records `event` and applies `decision` in one durable transaction.
+    /// Records `event` and reconciles its payment's ledger, in one durable transaction.
     async fn record(&self, event: &WebhookEvent, decision: &Decision) -> Result<Ack, StoreError>;
     /// Net quantity per sku for a payer, skipping skus that net to zero.
     async fn entitlements(&self, payer: &Payer) -> Result<Vec<(String, i64)>, StoreError>;
-    /// Events and ledger entries of a payment; `None` when nothing is recorded.
+    /// Everything recorded for a payment; `None` when nothing is.
     async fn payment(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError>;
+    /// Ledger entries matching `filter` with `seq < before` (newest first), at most `limit`.
+    async fn list_ledger(
+        &self,
+        filter: &LedgerFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError>;
+    /// Ledger entries with `seq > after` for `payer` (all when `None`), oldest first.
+    async fn entries_after(
+        &self,
+        payer: Option<&Payer>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError>;
+    /// The highest committed ledger `seq`, updated after each commit in this process.
+    fn commits(&self) -> watch::Receiver<i64>;
+    /// Held payments waiting for review, oldest first, after the held event `after_seq`.
+    async fn list_held(&self, after_seq: i64, limit: u32) -> Result<Vec<HeldPayment>, StoreError>;
+    /// Closes a held payment. Idempotent for the same resolution.
+    async fn resolve(
+        &self,
+        payment_id: &str,
+        resolution: &Resolution,
+        operator: &str,
+        note: &str,
+    ) -> Result<Resolved, StoreError>;
+    /// Records a spend. Idempotent on the key; refused when the balance would go negative.
+    async fn consume(&self, spend: &Spend) -> Result<Spent, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -82,6 +205,8 @@ pub(crate) fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Granted => "granted",
         Outcome::Held => "held",
         Outcome::AlreadyGranted => "already_granted",
+        Outcome::Revoked => "revoked",
+        Outcome::Restored => "restored",
     }
 }
 
@@ -92,19 +217,21 @@ pub(crate) fn outcome_from_name(s: &str) -> Outcome {
         "granted" => Outcome::Granted,
         "held" => Outcome::Held,
         "already_granted" => Outcome::AlreadyGranted,
+        "revoked" => Outcome::Revoked,
+        "restored" => Outcome::Restored,
         _ => Outcome::Unspecified,
     }
 }
 
 /// Microseconds since the Unix epoch.
-pub(crate) fn micros(t: SystemTime) -> i64 {
+pub fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
 /// The inverse of [`micros`], as a protobuf timestamp.
-pub(crate) fn timestamp(us: i64) -> prost_types::Timestamp {
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: us.div_euclid(1_000_000),
         nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),

@@ -212,20 +212,8 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
 #[tokio::test]
 async fn logs_never_contain_keys_authorization_or_signatures() {
     let dir = tempfile::tempdir().unwrap();
-    let mut fulfillment = Proc::start(
-        "fulfillment-svc",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &format!("sqlite://{}", dir.path().join("l.db").display()),
-            "--catalog",
-            coinflow_tests::catalog_path().to_str().unwrap(),
-        ],
-        &[("RUST_LOG", "trace")],
-        "addr",
-    )
-    .await;
+    let mut fulfillment =
+        Proc::fulfillment_env(&dir.path().join("l.db"), &[("RUST_LOG", "trace")]).await;
     let keys = format!("{KEY},second-secret-key");
     let mut edge = Proc::edge(fulfillment.addr, &keys, &[("RUST_LOG", "trace")]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
@@ -271,6 +259,8 @@ async fn logs_never_contain_keys_authorization_or_signatures() {
     let forged_mac = forged_sig.split("v1=").nth(1).unwrap();
     for secret in [
         KEY,
+        coinflow_tests::API_TOKEN,
+        coinflow_tests::INGEST_TOKEN,
         "second-secret-key",
         "wrong-authorization-value",
         good_mac,

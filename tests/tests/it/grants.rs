@@ -1,7 +1,7 @@
 //! Grants through the whole path: once per payment, priced by the catalog.
 
 use coinflow_shared::proto::v1::Outcome;
-use coinflow_shared::proto::v1::get_entitlements_request::Payer;
+use coinflow_shared::proto::v1::payer::Id as Payer;
 use coinflow_tests::Stack;
 use coinflow_tests::bodies::{event, fixture, settled, wallet_of};
 use coinflow_tests::http::Http;
@@ -206,7 +206,7 @@ async fn query_errors_say_what_to_fix() {
         q.0.get_entitlements(coinflow_shared::proto::v1::GetEntitlementsRequest { payer: None })
             .await
             .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("wallet"));
     assert_eq!(
         q.payment("").await.unwrap_err().code(),

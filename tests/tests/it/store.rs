@@ -21,9 +21,12 @@ fn proto(body: Vec<u8>) -> WebhookEvent {
 
 async fn open() -> (tempfile::TempDir, Arc<SqliteStore>, Catalog) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
-        .await
-        .unwrap();
+    let store = SqliteStore::open(
+        &format!("sqlite://{}", dir.path().join("s.db").display()),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let catalog = Catalog::load(&coinflow_tests::catalog_path()).unwrap();
     (dir, Arc::new(store), catalog)
 }

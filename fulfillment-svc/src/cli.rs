@@ -1,0 +1,233 @@
+//! The operator CLI: subcommands of the `fulfillment-svc` binary that call a running
+//! service's gRPC API (review queue, payments, entitlements). Output is plain text for
+//! people; scripts should call the gRPC API.
+#![allow(clippy::print_stdout)]
+
+use coinflow_shared::proto::v1::fulfillment_client::FulfillmentClient;
+use coinflow_shared::proto::v1::resolve_held_request::{Approve, Reject, Resolution};
+use coinflow_shared::proto::v1::{
+    self as pb, GetEntitlementsRequest, GetPaymentRequest, LedgerEntry, ListHeldRequest,
+    ResolveHeldRequest,
+};
+use secrecy::{ExposeSecret, SecretString};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// Where the CLI connects.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// The fulfillment-svc gRPC endpoint.
+    #[arg(
+        long,
+        env = "FULFILLMENT_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// A bearer token from FULFILLMENT_API_TOKENS.
+    #[arg(long, env = "FULFILLMENT_TOKEN", hide_env_values = true)]
+    pub token: Option<SecretString>,
+}
+
+/// Review-queue commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum HeldCommand {
+    /// List held payments, oldest first.
+    List,
+    /// Grant a held payment as if it had matched.
+    Approve {
+        /// The payment id.
+        payment_id: String,
+        /// Who decides (recorded in the ledger).
+        #[arg(long)]
+        operator: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// The catalog entry to grant, when webhookInfo names none.
+        #[arg(long)]
+        item: Option<String>,
+    },
+    /// Close a held payment with no grant.
+    Reject {
+        /// The payment id.
+        payment_id: String,
+        /// Who decides (recorded in the ledger).
+        #[arg(long)]
+        operator: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+/// Why a CLI command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The endpoint is malformed or unreachable.
+    #[error("connecting to {0}: {1}")]
+    Connect(String, tonic::transport::Error),
+    /// The service refused the call.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Call(#[from] Status),
+}
+
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = FulfillmentClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn connect(target: &Target) -> Result<Client, CliError> {
+    let channel = Endpoint::from_shared(target.server.clone())
+        .map_err(|e| CliError::Connect(target.server.clone(), e))?
+        .connect()
+        .await
+        .map_err(|e| CliError::Connect(target.server.clone(), e))?;
+    let bearer = target.token.as_ref().and_then(|t| {
+        let mut v = MetadataValue::try_from(format!("Bearer {}", t.expose_secret())).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    });
+    Ok(FulfillmentClient::with_interceptor(channel, Bearer(bearer)))
+}
+
+fn show_entry(e: &LedgerEntry) {
+    println!(
+        "  #{:<6} {:<8} {:>+8} {:<16} payment={} actor={} item={} catalog={}{}",
+        e.seq,
+        e.kind,
+        e.quantity,
+        e.sku,
+        e.payment_id,
+        e.actor,
+        e.item,
+        e.catalog_version,
+        e.note
+            .as_deref()
+            .map(|n| format!(" note={n:?}"))
+            .unwrap_or_default()
+    );
+}
+
+/// Runs a review-queue command.
+pub async fn held(target: &Target, command: HeldCommand) -> Result<(), CliError> {
+    let mut client = connect(target).await?;
+    let (payment_id, operator, note, resolution) = match command {
+        HeldCommand::List => {
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_held(ListHeldRequest {
+                        page_size: 100,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                for h in &page.held {
+                    println!(
+                        "{}  reason={}  state={}  wallet={}  body={}",
+                        h.payment_id,
+                        h.held_reason,
+                        h.state,
+                        h.wallet.as_deref().unwrap_or("-"),
+                        h.event
+                            .as_ref()
+                            .map(|e| String::from_utf8_lossy(&e.raw_body).trim().to_owned())
+                            .unwrap_or_default()
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                page_token = page.next_page_token;
+            }
+        }
+        HeldCommand::Approve {
+            payment_id,
+            operator,
+            note,
+            item,
+        } => (
+            payment_id,
+            operator,
+            note,
+            Resolution::Approve(Approve { item }),
+        ),
+        HeldCommand::Reject {
+            payment_id,
+            operator,
+            note,
+        } => (payment_id, operator, note, Resolution::Reject(Reject {})),
+    };
+    let r = client
+        .resolve_held(ResolveHeldRequest {
+            payment_id: payment_id.clone(),
+            operator,
+            note,
+            resolution: Some(resolution),
+        })
+        .await?
+        .into_inner();
+    let again = if r.duplicate { " (already)" } else { "" };
+    println!("{payment_id}: {}{again}", r.review);
+    r.entries.iter().for_each(show_entry);
+    Ok(())
+}
+
+/// Shows one payment.
+pub async fn payment(target: &Target, payment_id: String) -> Result<(), CliError> {
+    let p = connect(target)
+        .await?
+        .get_payment(GetPaymentRequest { payment_id })
+        .await?
+        .into_inner()
+        .payment
+        .unwrap_or_default();
+    println!("payment {}  state={}", p.payment_id, p.state);
+    if let Some(reason) = &p.held_reason {
+        println!("held: {reason}");
+    }
+    if let Some(review) = &p.review {
+        println!("review: {review}");
+    }
+    println!("events:");
+    for e in &p.events {
+        let outcome = pb::Outcome::try_from(e.outcome)
+            .unwrap_or_default()
+            .as_str_name();
+        println!("  {:<32} created={} {outcome}", e.event_type, e.created_raw);
+    }
+    println!("ledger:");
+    p.ledger.iter().for_each(show_entry);
+    Ok(())
+}
+
+/// Shows a payer's entitlements.
+pub async fn entitlements(target: &Target, payer: pb::payer::Id) -> Result<(), CliError> {
+    let r = connect(target)
+        .await?
+        .get_entitlements(GetEntitlementsRequest {
+            payer: Some(pb::Payer { id: Some(payer) }),
+        })
+        .await?
+        .into_inner();
+    for e in &r.entitlements {
+        println!(
+            "{:<24} {:>10}{}",
+            e.sku,
+            e.quantity,
+            if e.debt { "  DEBT" } else { "" }
+        );
+    }
+    Ok(())
+}
