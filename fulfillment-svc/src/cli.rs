@@ -22,11 +22,12 @@ pub struct Target {
     #[arg(
         long,
         env = "FULFILLMENT_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        global = true
     )]
     pub server: String,
     /// A bearer token from FULFILLMENT_API_TOKENS.
-    #[arg(long, env = "FULFILLMENT_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "FULFILLMENT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<SecretString>,
 }
 

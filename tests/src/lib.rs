@@ -180,6 +180,43 @@ fn bearer(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::
     Ok(request)
 }
 
+fn ingest_bearer(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {INGEST_TOKEN}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// An ingest client authenticated as the edge.
+pub type IngestClient = coinflow_shared::proto::v1::ingest_client::IngestClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+/// Connects an ingest client to `addr` with [`INGEST_TOKEN`].
+pub async fn ingest_client(addr: SocketAddr) -> IngestClient {
+    coinflow_shared::proto::v1::ingest_client::IngestClient::with_interceptor(
+        channel(addr).await,
+        ingest_bearer as Bearer,
+    )
+}
+
+/// Delivers a raw body over gRPC the way the edge does (parse, convert, `Ingest.Deliver`).
+pub async fn ingest(
+    client: &mut IngestClient,
+    body: &[u8],
+) -> coinflow_shared::proto::v1::DeliverResponse {
+    let envelope = coinflow_shared::envelope::Envelope::parse(body).unwrap();
+    let event = coinflow_shared::convert::to_proto(
+        envelope,
+        bytes::Bytes::copy_from_slice(body),
+        std::time::SystemTime::now(),
+    );
+    client
+        .deliver(coinflow_shared::proto::v1::DeliverRequest { event: Some(event) })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// An authenticated query client.
 pub type QueryClient =
     FulfillmentClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;

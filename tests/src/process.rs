@@ -31,6 +31,7 @@ pub struct Proc {
     pub addr: SocketAddr,
     /// Every line it wrote to stderr so far.
     pub logs: Arc<Mutex<Vec<String>>>,
+    read: usize,
 }
 
 impl Proc {
@@ -76,7 +77,12 @@ impl Proc {
             .unwrap_or_else(|_| {
                 panic!("{bin_name} exited early; logs: {:?}", logs.lock().unwrap())
             });
-        Self { child, addr, logs }
+        Self {
+            child,
+            addr,
+            logs,
+            read: 0,
+        }
     }
 
     /// fulfillment-svc over the SQLite file `db`, on a free port.
@@ -143,12 +149,38 @@ impl Proc {
 
     /// Sends SIGTERM and waits for a clean exit.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.child.wait().await.unwrap()
+    }
+
+    /// Sends a signal (`HUP`, `TERM`…) to the process.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .unwrap();
-        self.child.wait().await.unwrap()
+        assert!(ok.success());
+    }
+
+    /// Waits (up to 30 s) for a log line containing `needle` that was not matched before,
+    /// and returns it.
+    pub async fn wait_for_log(&mut self, needle: &str) -> String {
+        for _ in 0..600 {
+            {
+                let lines = self.logs.lock().unwrap();
+                if let Some(i) = lines
+                    .iter()
+                    .skip(self.read)
+                    .position(|l| l.contains(needle))
+                {
+                    self.read += i + 1;
+                    return lines[self.read - 1].clone();
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("no log line contains {needle:?}: {}", self.log_text());
     }
 
     /// All log lines so far, joined.

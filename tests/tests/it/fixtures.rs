@@ -90,9 +90,18 @@ async fn every_fixture_gets_its_outcome() {
         assert_eq!(recorded.outcome, *outcome as i32, "{file}");
         assert_eq!(recorded.held_reason.as_deref(), *reason, "{file}");
     }
-    assert!(q.wallet("mygameʬuser-900").await.is_empty(), "the bundle was refunded");
-    assert!(q.wallet("mygameʬuser-123").await.is_empty(), "the sword was refunded");
-    assert_eq!(q.wallet("9ATzL5Tx3mC4n8bq1wJkPk6n").await, [("credits".to_owned(), 1000)]);
+    assert!(
+        q.wallet("mygameʬuser-900").await.is_empty(),
+        "the bundle was refunded"
+    );
+    assert!(
+        q.wallet("mygameʬuser-123").await.is_empty(),
+        "the sword was refunded"
+    );
+    assert_eq!(
+        q.wallet("9ATzL5Tx3mC4n8bq1wJkPk6n").await,
+        [("credits".to_owned(), 1000)]
+    );
     assert_eq!(
         q.wallet("mygameʬuser-905").await,
         [("shield".to_owned(), 1)]

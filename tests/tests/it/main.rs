@@ -1,11 +1,16 @@
 //! End-to-end tests: the real edge and fulfillment over real sockets, gRPC and SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod api;
 mod auth;
+mod catalog_reload;
+mod cli;
 mod durability;
 mod fixtures;
 mod grants;
 mod grpc_surface;
+mod lifecycle;
+mod review;
 mod slow_clients;
 mod statuses;
 mod store;

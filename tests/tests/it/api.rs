@@ -1,0 +1,349 @@
+//! The internal gRPC API: paging, streaming, consumption and debt, bearer tokens, and
+//! health during shutdown.
+
+use std::time::Duration;
+
+use coinflow_shared::proto::v1::fulfillment_client::FulfillmentClient;
+use coinflow_shared::proto::v1::payer::Id as PayerId;
+use coinflow_shared::proto::v1::{
+    ConsumeRequest, GetEntitlementsRequest, ListLedgerRequest, Payer, WatchEntitlementsRequest,
+};
+use coinflow_tests::bodies::{event, settled, wallet_of};
+use coinflow_tests::{FulfillmentHandle, Stack, channel, ingest, ingest_client};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+fn wallet(w: &str) -> Option<Payer> {
+    Some(Payer {
+        id: Some(PayerId::Wallet(w.into())),
+    })
+}
+
+#[tokio::test]
+async fn list_ledger_pages_newest_first_with_a_stable_cursor() {
+    let stack = Stack::start().await;
+    let mut client = ingest_client(stack.fulfillment.addr).await;
+    let mut q = stack.query().await;
+    for i in 0..25 {
+        ingest(&mut client, &settled(&format!("l-{i:02}"), "sword", 500)).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page =
+            q.0.list_ledger(ListLedgerRequest {
+                page_size: 10,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.entries.iter().map(|e| e.seq));
+        if pages == 1 {
+            // Entries committed while paging land on top, never inside later pages.
+            for i in 25..30 {
+                ingest(&mut client, &settled(&format!("l-{i:02}"), "sword", 500)).await;
+            }
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 25, "each of the first 25 entries exactly once");
+    assert!(
+        seen.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seen:?}"
+    );
+
+    // Filters: payer, payment, sku, time.
+    let by_payer =
+        q.0.list_ledger(ListLedgerRequest {
+            payer: wallet(&wallet_of("l-03")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_payer.entries.len(), 1);
+    assert_eq!(by_payer.entries[0].payment_id, "l-03");
+    let by_sku =
+        q.0.list_ledger(ListLedgerRequest {
+            sku: Some("shield".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(by_sku.entries.is_empty());
+    let future = prost_types::Timestamp {
+        seconds: 4_000_000_000,
+        nanos: 0,
+    };
+    let since_future =
+        q.0.list_ledger(ListLedgerRequest {
+            since: Some(future),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(since_future.entries.is_empty());
+    let until_future =
+        q.0.list_ledger(ListLedgerRequest {
+            until: Some(future),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(until_future.entries.len(), 30);
+    let bad =
+        q.0.list_ledger(ListLedgerRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("page_token"));
+}
+
+#[tokio::test]
+async fn watch_streams_new_grants_and_resumes_from_a_cursor() {
+    let stack = Stack::start().await;
+    let mut client = ingest_client(stack.fulfillment.addr).await;
+    let mut q = stack.query().await;
+    let w = wallet_of("w-1");
+    let request = |after_seq| WatchEntitlementsRequest {
+        payer: wallet(&w),
+        after_seq,
+    };
+
+    let mut stream =
+        q.0.watch_entitlements(request(0))
+            .await
+            .unwrap()
+            .into_inner();
+    ingest(&mut client, &settled("w-1", "starter-bundle", 1500)).await;
+    ingest(&mut client, &settled("w-other", "sword", 500)).await; // another payer: filtered out
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(e);
+    }
+    assert!(got.iter().all(|e| e.wallet == w && e.kind == "grant"));
+    let cursor = got.last().unwrap().seq;
+    drop(stream); // the game server disconnects...
+
+    ingest(
+        &mut client,
+        &event(
+            "Refund",
+            "w-1",
+            "starter-bundle",
+            1500,
+            "2026-11-22T00:00:00Z",
+        ),
+    )
+    .await;
+
+    // ...and resumes from its cursor: it gets the revocations it missed, nothing twice.
+    let mut stream =
+        q.0.watch_entitlements(request(cursor))
+            .await
+            .unwrap()
+            .into_inner();
+    let mut missed = Vec::new();
+    for _ in 0..3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        missed.push(e);
+    }
+    assert!(missed.iter().all(|e| e.kind == "revoke" && e.seq > cursor));
+    let quiet = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(quiet.is_err(), "nothing more: {quiet:?}");
+}
+
+#[tokio::test]
+async fn consumption_is_idempotent_bounded_and_a_chargeback_after_spending_is_debt() {
+    let stack = Stack::start().await;
+    let mut client = ingest_client(stack.fulfillment.addr).await;
+    let mut q = stack.query().await;
+    let p = "c-credits";
+    ingest(&mut client, &settled(p, "credits-1000", 1000)).await;
+    let spend = |key: &str, quantity| ConsumeRequest {
+        payer: wallet(&wallet_of(p)),
+        sku: "credits".into(),
+        quantity,
+        idempotency_key: key.into(),
+    };
+
+    let r =
+        q.0.consume(spend("buy-potion-1", 800))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!((r.balance, r.duplicate), (200, false));
+    assert_eq!(r.entry.as_ref().unwrap().kind, "consume");
+    let again =
+        q.0.consume(spend("buy-potion-1", 800))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(
+        (again.balance, again.duplicate),
+        (200, true),
+        "a retried spend counts once"
+    );
+    let reused = q.0.consume(spend("buy-potion-1", 5)).await.unwrap_err();
+    assert_eq!(reused.code(), Code::FailedPrecondition);
+    let over = q.0.consume(spend("buy-potion-2", 201)).await.unwrap_err();
+    assert_eq!(over.code(), Code::FailedPrecondition);
+    assert!(
+        over.message().contains("insufficient"),
+        "{}",
+        over.message()
+    );
+    let mut not_consumable = spend("k", 1);
+    not_consumable.sku = "sword".into();
+    let e = q.0.consume(not_consumable).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("consumable"));
+    assert_eq!(
+        q.0.consume(spend("k", 0)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // The payer spent 800 of 1000 credits; the chargeback takes back all 1000.
+    ingest(
+        &mut client,
+        &event(
+            "Card Payment Chargeback Opened",
+            p,
+            "credits-1000",
+            1000,
+            "2026-11-25T00:00:00Z",
+        ),
+    )
+    .await;
+    let ent =
+        q.0.get_entitlements(GetEntitlementsRequest {
+            payer: wallet(&wallet_of(p)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entitlements;
+    assert_eq!(ent.len(), 1);
+    assert_eq!(
+        (ent[0].sku.as_str(), ent[0].quantity, ent[0].debt),
+        ("credits", -800, true)
+    );
+}
+
+#[tokio::test]
+async fn callers_need_a_valid_bearer_token_and_ingest_has_its_own() {
+    let stack = Stack::start().await;
+    let ch = channel(stack.fulfillment.addr).await;
+    let request = || GetEntitlementsRequest { payer: wallet("w") };
+
+    let mut anonymous = FulfillmentClient::new(ch.clone());
+    let e = anonymous.get_entitlements(request()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("Bearer"));
+
+    for token in ["wrong", coinflow_tests::INGEST_TOKEN] {
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let mut client =
+            FulfillmentClient::with_interceptor(ch.clone(), move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", value.clone());
+                Ok(r)
+            });
+        assert_eq!(
+            client.get_entitlements(request()).await.unwrap_err().code(),
+            Code::Unauthenticated,
+            "{token}"
+        );
+    }
+    // The API token does not open ingest when ingest has its own.
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", coinflow_tests::API_TOKEN)
+        .parse()
+        .unwrap();
+    let mut ingest_as_api =
+        coinflow_shared::proto::v1::ingest_client::IngestClient::with_interceptor(
+            ch.clone(),
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", value.clone());
+                Ok(r)
+            },
+        );
+    let e = ingest_as_api
+        .deliver(coinflow_shared::proto::v1::DeliverRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // Health stays open for probes.
+    let mut health = HealthClient::new(ch);
+    assert!(
+        health
+            .check(HealthCheckRequest {
+                service: String::new()
+            })
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn an_edge_without_the_ingest_token_gets_no_ack() {
+    let stack = Stack::start_with(|c| {
+        c.ingest_token = None;
+        c.deliver_deadline_ms = 500;
+    })
+    .await;
+    let a = coinflow_tests::http::Http::default()
+        .deliver(&stack.edge.url(), settled("t-1", "sword", 500))
+        .await;
+    assert_eq!(
+        a.status,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "our misconfiguration: Coinflow must retry"
+    );
+    let mut q = stack.query().await;
+    assert_eq!(q.payment("t-1").await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn health_reports_not_serving_once_shutdown_begins() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = FulfillmentHandle::start(&dir.path().join("l.db")).await;
+    let mut health = HealthClient::new(channel(f.addr).await);
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: "coinflow.fulfillment.v1.Ingest".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updates.next().await.unwrap().unwrap().status, 1, "SERVING");
+    f.shutdown.cancel();
+    let next = tokio::time::timeout(Duration::from_secs(10), updates.next())
+        .await
+        .unwrap();
+    assert_eq!(next.unwrap().unwrap().status, 2, "NOT_SERVING");
+}
