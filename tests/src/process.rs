@@ -92,8 +92,12 @@ impl Proc {
 
     /// fulfillment-svc over `db` with extra environment.
     pub async fn fulfillment_env(db: &Path, env: &[(&str, &str)]) -> Self {
+        Self::fulfillment_with(db, &crate::catalog_path(), env).await
+    }
+
+    /// fulfillment-svc over `db` with the catalog file `catalog` and extra environment.
+    pub async fn fulfillment_with(db: &Path, catalog: &Path, env: &[(&str, &str)]) -> Self {
         let url = format!("sqlite://{}", db.display());
-        let catalog = crate::catalog_path();
         Self::start(
             "fulfillment-svc",
             &[

@@ -116,6 +116,29 @@ async fn list_ledger_pages_newest_first_with_a_stable_cursor() {
     assert!(bad.message().contains("page_token"));
 }
 
+async fn next_n(
+    stream: &mut tonic::Streaming<coinflow_shared::proto::v1::LedgerEntry>,
+    n: usize,
+) -> Vec<coinflow_shared::proto::v1::LedgerEntry> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        got.push(next.unwrap().unwrap().unwrap());
+    }
+    got
+}
+
+/// An interceptor that presents `token`.
+fn presenting(
+    token: &str,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", value.clone());
+        Ok(r)
+    }
+}
+
 #[tokio::test]
 async fn watch_streams_new_grants_and_resumes_from_a_cursor() {
     let stack = Stack::start().await;
@@ -134,15 +157,7 @@ async fn watch_streams_new_grants_and_resumes_from_a_cursor() {
             .into_inner();
     ingest(&mut client, &settled("w-1", "starter-bundle", 1500)).await;
     ingest(&mut client, &settled("w-other", "sword", 500)).await; // another payer: filtered out
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        got.push(e);
-    }
+    let got = next_n(&mut stream, 3).await;
     assert!(got.iter().all(|e| e.wallet == w && e.kind == "grant"));
     let cursor = got.last().unwrap().seq;
     drop(stream); // the game server disconnects...
@@ -165,15 +180,7 @@ async fn watch_streams_new_grants_and_resumes_from_a_cursor() {
             .await
             .unwrap()
             .into_inner();
-    let mut missed = Vec::new();
-    for _ in 0..3 {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        missed.push(e);
-    }
+    let missed = next_n(&mut stream, 3).await;
     assert!(missed.iter().all(|e| e.kind == "revoke" && e.seq > cursor));
     let quiet = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     assert!(quiet.is_err(), "nothing more: {quiet:?}");
@@ -268,12 +275,7 @@ async fn callers_need_a_valid_bearer_token_and_ingest_has_its_own() {
     assert!(e.message().contains("Bearer"));
 
     for token in ["wrong", coinflow_tests::INGEST_TOKEN] {
-        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let mut client =
-            FulfillmentClient::with_interceptor(ch.clone(), move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", value.clone());
-                Ok(r)
-            });
+        let mut client = FulfillmentClient::with_interceptor(ch.clone(), presenting(token));
         assert_eq!(
             client.get_entitlements(request()).await.unwrap_err().code(),
             Code::Unauthenticated,
@@ -281,16 +283,10 @@ async fn callers_need_a_valid_bearer_token_and_ingest_has_its_own() {
         );
     }
     // The API token does not open ingest when ingest has its own.
-    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", coinflow_tests::API_TOKEN)
-        .parse()
-        .unwrap();
     let mut ingest_as_api =
         coinflow_shared::proto::v1::ingest_client::IngestClient::with_interceptor(
             ch.clone(),
-            move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", value.clone());
-                Ok(r)
-            },
+            presenting(coinflow_tests::API_TOKEN),
         );
     let e = ingest_as_api
         .deliver(coinflow_shared::proto::v1::DeliverRequest::default())

@@ -70,23 +70,10 @@ async fn sighup_reloads_and_logs_why_a_bad_file_was_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("catalog.toml");
     std::fs::write(&path, catalog_with("v1", 500)).unwrap();
-    let url = format!("sqlite://{}", dir.path().join("l.db").display());
-    let mut f = Proc::start(
-        "fulfillment-svc",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &url,
-            "--catalog",
-            path.to_str().unwrap(),
-        ],
-        &[
-            ("FULFILLMENT_API_TOKENS", coinflow_tests::API_TOKEN),
-            ("FULFILLMENT_INGEST_TOKENS", coinflow_tests::INGEST_TOKEN),
-            ("FULFILLMENT_CATALOG_RELOAD_SECS", "3600"),
-        ],
-        "addr",
+    let mut f = Proc::fulfillment_with(
+        &dir.path().join("l.db"),
+        &path,
+        &[("FULFILLMENT_CATALOG_RELOAD_SECS", "3600")],
     )
     .await;
     let mut client = ingest_client(f.addr).await;
