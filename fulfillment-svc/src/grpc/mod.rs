@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod query;
 
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::store::StoreError;
 
@@ -26,7 +27,12 @@ impl From<StoreError> for Status {
     }
 }
 
-/// `INVALID_ARGUMENT` naming the field and what to put there.
+/// `INVALID_ARGUMENT` naming the field and what to put there, in the message and as a
+/// `google.rpc.BadRequest` field violation for programs.
 pub(crate) fn invalid(field: &str, fix: &str) -> Status {
-    Status::invalid_argument(format!("{field}: {fix}"))
+    Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        format!("{field}: {fix}"),
+        ErrorDetails::with_bad_request_violation(field, fix),
+    )
 }

@@ -208,6 +208,11 @@ async fn query_errors_say_what_to_fix() {
             .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("wallet"));
+    use tonic_types::StatusExt;
+    let details = e.get_error_details();
+    let violation = &details.bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "payer");
+    assert!(violation.description.contains("wallet or raw_customer_id"));
     assert_eq!(
         q.payment("").await.unwrap_err().code(),
         tonic::Code::InvalidArgument
