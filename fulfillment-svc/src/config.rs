@@ -15,6 +15,13 @@ pub struct Config {
     /// gRPC listen address (ingest, queries, health, reflection).
     #[arg(long, env = "FULFILLMENT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// The admin port: `/healthz`, `/readyz`, `/metrics`.
+    #[arg(
+        long,
+        env = "FULFILLMENT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    pub admin_listen: SocketAddr,
     /// The ledger database. `sqlite://path` (created if missing) is the embedded default.
     #[arg(
         long,
@@ -56,6 +63,7 @@ impl Config {
     pub fn local(database_url: String, catalog: PathBuf, api_token: &str) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url,
             catalog,
             catalog_reload_secs: 5,

@@ -4,7 +4,8 @@
 //! [`catalog`] ([`decision`]), and is recorded with its grant in one durable transaction
 //! ([`store`]). The query API ([`grpc::query`]) reads the ledger; a payment's state is
 //! derived from the set of its events ([`lifecycle`]). [`server`] wires it together;
-//! [`cli`] is the operator command line over the gRPC API.
+//! [`cli`] is the operator command line over the gRPC API; [`observe`] holds the spans
+//! and metrics.
 
 pub mod catalog;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod decision;
 pub mod grpc;
 pub mod lifecycle;
+pub mod observe;
 pub mod server;
 pub mod store;
 

@@ -1,9 +1,9 @@
 //! The fulfillment-svc binary: serve (the default), and the operator CLI.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coinflow_shared::config::LogFormat;
 use coinflow_shared::proto::v1::payer::Id as PayerId;
+use coinflow_shared::telemetry::Telemetry;
 use fulfillment_svc::catalog::Catalog;
 use fulfillment_svc::cli::{self, HeldCommand, Target};
 use fulfillment_svc::{Config, Server};
@@ -61,21 +61,24 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing::subscriber::set_global_default(coinflow_shared::telemetry::subscriber(
-        cli.log_format,
-        "info,sqlx=warn",
-    ))
-    .context("installing the log subscriber")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let server = Server::build(cli.config).await?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(coinflow_shared::shutdown::on_signal(shutdown.clone()));
-            server.run(shutdown).await?;
+            let telemetry = Telemetry::init("fulfillment-svc", cli.log_format, "info,sqlx=warn")?;
+            let result = serve(cli.config).await;
+            if let Err(e) = &result {
+                tracing::error!(error = format!("{e:#}"), "fulfillment-svc failed");
+            }
+            telemetry.shutdown();
+            result?;
         }
         Command::CheckCatalog { path } => {
             let catalog = Catalog::load(&path)?;
-            tracing::info!(version = %catalog.version, items = catalog.items.len(), "catalog is valid");
+            eprintln!(
+                "{}: valid (version {}, {} items)",
+                path.display(),
+                catalog.version,
+                catalog.items.len()
+            );
         }
         Command::Held { target, command } => cli::held(&target, command).await?,
         Command::Payment { target, payment_id } => cli::payment(&target, payment_id).await?,
@@ -92,5 +95,13 @@ async fn main() -> anyhow::Result<()> {
             cli::entitlements(&target, payer).await?;
         }
     }
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = Server::build(config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(coinflow_shared::shutdown::on_signal(shutdown.clone()));
+    server.run(shutdown).await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use coinflow_shared::proto::FILE_DESCRIPTOR_SET;
@@ -19,8 +20,10 @@ use crate::grpc::auth::BearerAuth;
 use crate::grpc::ingest::IngestService;
 use crate::grpc::query::QueryService;
 use crate::lifecycle::ChargebackPolicy;
+use crate::observe::{Metrics, ObserveLayer};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
+use coinflow_shared::admin::Readiness;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +71,11 @@ pub async fn open_store(url: &str, policy: ChargebackPolicy) -> Result<Arc<dyn S
 /// A fulfillment server, bound and ready to run.
 pub struct Server {
     listener: TcpListener,
+    admin_listener: TcpListener,
     store: Arc<dyn Store>,
     catalog: Arc<CatalogHandle>,
     config: Config,
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
@@ -96,23 +101,38 @@ impl Server {
             authenticated = !config.api_tokens.0.is_empty(),
             "catalog loaded"
         );
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin_listen,
+                source,
+            })?;
         Ok(Self {
             listener,
+            admin_listener,
             store,
             catalog,
             config,
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
-    /// The bound address (useful with port 0).
+    /// The bound gRPC address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The bound admin address: `/healthz`, `/readyz`, `/metrics`.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .unwrap_or(self.config.admin_listen)
     }
 
     /// Serves until `shutdown` is cancelled, then reports NOT_SERVING, stops accepting,
     /// and lets in-flight calls finish for at most the configured grace.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        let addr = self.local_addr();
+        let (addr, admin_addr) = (self.local_addr(), self.admin_addr());
         let (health, health_service) = tonic_health::server::health_reporter();
         set_all(&health, tonic_health::ServingStatus::Serving).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -134,6 +154,18 @@ impl Server {
             Duration::from_secs(self.config.catalog_reload_secs.max(1)),
             shutdown.clone(),
         ));
+        tokio::spawn(refresh_queue(
+            Arc::clone(&self.store),
+            Arc::clone(&self.metrics),
+            shutdown.clone(),
+        ));
+        tokio::spawn(coinflow_shared::http_server::serve(
+            self.admin_listener,
+            coinflow_shared::admin::service(readiness(Arc::clone(&self.store), shutdown.clone())),
+            Duration::from_secs(5),
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
         let signal = shutdown.clone();
         let draining = {
             let health = health.clone();
@@ -144,11 +176,16 @@ impl Server {
             }
         };
         let serve = tonic::transport::Server::builder()
+            .layer(ObserveLayer::new(Arc::clone(&self.metrics)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(IngestServer::with_interceptor(
-                IngestService::new(Arc::clone(&self.store), Arc::clone(&self.catalog)),
+                IngestService::new(
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.catalog),
+                    Arc::clone(&self.metrics),
+                ),
                 ingest_auth,
             ))
             .add_service(FulfillmentServer::with_interceptor(
@@ -156,11 +193,12 @@ impl Server {
                     Arc::clone(&self.store),
                     Arc::clone(&self.catalog),
                     shutdown.clone(),
+                    Arc::clone(&self.metrics),
                 ),
                 api_auth,
             ))
             .serve_with_incoming_shutdown(TcpIncoming::from(self.listener), draining);
-        tracing::info!(%addr, "fulfillment-svc listening");
+        tracing::info!(%addr, admin = %admin_addr, "fulfillment-svc listening");
 
         let grace = self.config.shutdown_grace();
         tokio::select! {
@@ -170,6 +208,41 @@ impl Server {
             }
         }
         Ok(())
+    }
+}
+
+/// Ready while not shutting down and the database answers.
+fn readiness(store: Arc<dyn Store>, shutdown: CancellationToken) -> Readiness {
+    Arc::new(move || {
+        let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
+        Box::pin(async move {
+            if shutdown.is_cancelled() {
+                return Err("shutting down".to_owned());
+            }
+            store.ping().await.map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// How often the review-queue gauges are refreshed.
+const QUEUE_REFRESH: Duration = Duration::from_secs(2);
+
+async fn refresh_queue(store: Arc<dyn Store>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        match store.held_summary().await {
+            Ok((size, oldest)) => {
+                metrics.queue.size.store(size, Ordering::Relaxed);
+                metrics
+                    .queue
+                    .oldest_us
+                    .store(oldest.unwrap_or(0), Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "measuring the review queue"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(QUEUE_REFRESH) => {}
+        }
     }
 }
 

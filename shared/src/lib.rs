@@ -1,10 +1,12 @@
 //! What both services share: the Coinflow v2 envelope, the one definition of an event's
 //! identity, the `Coinflow-Signature` scheme, the conversion to the protobuf contract,
-//! and the config and telemetry helpers.
+//! config, telemetry, and the HTTP accept loop and admin port.
 
+pub mod admin;
 pub mod config;
 pub mod convert;
 pub mod envelope;
+pub mod http_server;
 pub mod identity;
 pub mod shutdown;
 pub mod signature;

@@ -1,33 +1,314 @@
-//! The tracing subscriber both services use. It is built and returned, not installed, so
-//! `main` decides and tests stay free of global state.
+//! Telemetry both services share: logs (JSON in containers, human on a terminal, each line
+//! inside a request carrying `trace_id` and `span_id`), OpenTelemetry traces and metrics,
+//! and W3C trace-context propagation over HTTP headers and gRPC metadata.
+//!
+//! [`Telemetry::init`] builds it all and hands back a guard that `main` flushes on
+//! shutdown. Spans and metrics go out over OTLP/gRPC only when the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the signal-specific variable) is set; the exporter
+//! connects lazily, so a collector that is down never stops start-up. `OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are
+//! honoured. Metrics are always readable as Prometheus text ([`prometheus_text`]).
 
 use std::io::IsTerminal;
 
-use tracing::Subscriber;
-use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::{Context, global};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::format::{Format, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 use crate::config::LogFormat;
 
-/// Builds a subscriber writing to stderr. `RUST_LOG` overrides `default_filter`.
-pub fn subscriber(format: LogFormat, default_filter: &str) -> Box<dyn Subscriber + Send + Sync> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Human => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let registry = tracing_subscriber::registry().with(filter);
-    if json {
-        Box::new(
-            registry.with(
-                fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            ),
-        )
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// An OTLP exporter could not be built (a malformed endpoint, say).
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    /// The Prometheus reader could not be built.
+    #[error("Prometheus reader: {0}")]
+    Prometheus(String),
+    /// A global log subscriber was already installed.
+    #[error("installing the log subscriber: {0}")]
+    Subscriber(String),
+}
+
+/// The installed telemetry. Call [`Telemetry::shutdown`] on exit, or batched spans are lost.
+pub struct Telemetry {
+    tracer_provider: SdkTracerProvider,
+    meter_provider: SdkMeterProvider,
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+fn resource(default_service: &'static str) -> Resource {
+    let named = env_set("OTEL_SERVICE_NAME")
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let builder = Resource::builder();
+    if named {
+        builder.build()
     } else {
-        Box::new(registry.with(fmt::layer().with_writer(std::io::stderr)))
+        builder.with_service_name(default_service).build()
+    }
+}
+
+impl Telemetry {
+    /// Installs the propagator, tracer and meter providers, and the log subscriber.
+    /// `RUST_LOG` overrides `default_filter`. Must run inside the tokio runtime.
+    pub fn init(
+        default_service: &'static str,
+        format: LogFormat,
+        default_filter: &str,
+    ) -> Result<Self, TelemetryError> {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let resource = resource(default_service);
+
+        let mut traces = SdkTracerProvider::builder().with_resource(resource.clone());
+        if env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            traces = traces.with_batch_exporter(exporter);
+        }
+        let tracer_provider = traces.build();
+        global::set_tracer_provider(tracer_provider.clone());
+
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(prometheus::default_registry().clone())
+            .build()
+            .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
+        let mut metrics = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(prometheus);
+        if env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            metrics = metrics.with_periodic_exporter(exporter);
+        }
+        let meter_provider = metrics.build();
+        global::set_meter_provider(meter_provider.clone());
+
+        let filter =
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+        let json = match format {
+            LogFormat::Json => true,
+            LogFormat::Human => false,
+            LogFormat::Auto => !std::io::stderr().is_terminal(),
+        };
+        let logs = if json {
+            fmt::layer()
+                .event_format(JsonWithTrace)
+                .with_writer(std::io::stderr)
+                .boxed()
+        } else {
+            fmt::layer()
+                .event_format(HumanWithTrace(Format::default()))
+                .with_writer(std::io::stderr)
+                .boxed()
+        };
+        // Only this system's spans become OpenTelemetry spans; the transport crates (the
+        // exporter's own included) would otherwise trace themselves.
+        let spans = Targets::new().with_default(Level::INFO).with_targets(
+            [
+                "h2",
+                "hyper",
+                "hyper_util",
+                "tonic",
+                "tower",
+                "opentelemetry",
+                "opentelemetry_sdk",
+                "sqlx",
+            ]
+            .map(|t| (t, LevelFilter::OFF)),
+        );
+        let subscriber = tracing_subscriber::registry().with(filter).with(logs).with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer_provider.tracer(default_service))
+                .with_filter(spans),
+        );
+        tracing::subscriber::set_global_default(subscriber)
+            .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+        Ok(Self {
+            tracer_provider,
+            meter_provider,
+        })
+    }
+
+    /// Flushes and stops the exporters.
+    pub fn shutdown(self) {
+        if let Err(e) = self.tracer_provider.shutdown() {
+            tracing::warn!(error = %e, "flushing spans on shutdown");
+        }
+        if let Err(e) = self.meter_provider.shutdown() {
+            tracing::warn!(error = %e, "flushing metrics on shutdown");
+        }
+    }
+}
+
+/// Every metric this process recorded, in the Prometheus text exposition format.
+pub fn prometheus_text() -> String {
+    let mut out = String::new();
+    let families = prometheus::gather();
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        tracing::warn!(error = %e, "encoding metrics");
+    }
+    out
+}
+
+/// The trace context carried by HTTP headers (`traceparent`, `tracestate`).
+pub fn extract(headers: &http::HeaderMap) -> Context {
+    global::get_text_map_propagator(|p| p.extract(&opentelemetry_http::HeaderExtractor(headers)))
+}
+
+/// Writes the current span's trace context into outgoing gRPC metadata.
+pub fn inject(span: &tracing::Span, metadata: &mut tonic::metadata::MetadataMap) {
+    let cx = span.context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Reads trace context from gRPC metadata, for services called without HTTP headers.
+pub struct MetadataExtractor<'a>(pub &'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The trace and span ids of the current span, when there is one.
+fn current_ids() -> Option<(String, String)> {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// One JSON object per line: timestamp, level, target, message, `fields`, the current
+/// span's name, and `trace_id`/`span_id` inside a traced request.
+struct JsonWithTrace;
+
+impl<S, N> FormatEvent<S, N> for JsonWithTrace
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = Map::new();
+        event.record(&mut JsonVisitor(&mut fields));
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let meta = event.metadata();
+        let mut line = Map::new();
+        line.insert("timestamp".into(), timestamp.into());
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        if let Some(message) = fields.remove("message") {
+            line.insert("message".into(), message);
+        }
+        line.insert("fields".into(), Value::Object(fields));
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), span.name().into());
+        }
+        if let Some((trace_id, span_id)) = current_ids() {
+            line.insert("trace_id".into(), trace_id.into());
+            line.insert("span_id".into(), span_id.into());
+        }
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+/// The default human format, prefixed with `trace_id`/`span_id` inside a traced request.
+struct HumanWithTrace(Format);
+
+impl<S, N> FormatEvent<S, N> for HumanWithTrace
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        if let Some((trace_id, span_id)) = current_ids() {
+            write!(writer, "trace_id={trace_id} span_id={span_id} ")?;
+        }
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.insert(field.name().into(), value.to_string().into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
     }
 }

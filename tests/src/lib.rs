@@ -5,6 +5,7 @@
 
 pub mod bodies;
 pub mod http;
+pub mod otlp;
 pub mod process;
 
 use std::net::SocketAddr;

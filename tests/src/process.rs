@@ -29,6 +29,8 @@ pub struct Proc {
     pub child: Child,
     /// The address it logged as listening on.
     pub addr: SocketAddr,
+    /// Its admin address (`/healthz`, `/readyz`, `/metrics`), from the same log line.
+    pub admin: SocketAddr,
     /// Every line it wrote to stderr so far.
     pub logs: Arc<Mutex<Vec<String>>>,
     read: usize,
@@ -58,15 +60,16 @@ impl Proc {
             let mut reader = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && let Some(addr) = v["fields"][&field].as_str()
+                    && let (Some(addr), Some(admin)) =
+                        (v["fields"][&field].as_str(), v["fields"]["admin"].as_str())
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                    let _ = tx.send((addr.parse::<SocketAddr>().unwrap(), admin.parse().unwrap()));
                 }
                 lines.lock().unwrap().push(line);
             }
         });
-        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+        let (addr, admin) = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -80,6 +83,7 @@ impl Proc {
         Self {
             child,
             addr,
+            admin,
             logs,
             read: 0,
         }
@@ -102,6 +106,8 @@ impl Proc {
             "fulfillment-svc",
             &[
                 "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
                 "127.0.0.1:0",
                 "--database-url",
                 &url,

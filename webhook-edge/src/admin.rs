@@ -1,49 +1,29 @@
-//! The admin port: `/healthz` (the process is alive) and `/readyz` (not shutting down,
-//! and fulfillment's ingest reports SERVING).
+//! The edge's readiness: not shutting down, and fulfillment's ingest reports SERVING.
+//! `/healthz`, `/readyz` and `/metrics` are served by `coinflow_shared::admin`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use coinflow_shared::admin::Readiness;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::http_server::{HttpService, ServiceError};
-use crate::response::json;
-use crate::stack::boxed;
-
 const INGEST_SERVICE: &str = "coinflow.fulfillment.v1.Ingest";
 
-/// Builds the admin service.
-pub fn admin_service(ingest: Channel, shutdown: CancellationToken) -> HttpService {
-    HttpService::new(tower::service_fn(move |request: Request<Incoming>| {
+/// Ready when not shutting down and ingest answers SERVING within a second.
+pub fn readiness(ingest: Channel, shutdown: CancellationToken) -> Readiness {
+    Arc::new(move || {
         let (ingest, shutdown) = (ingest.clone(), shutdown.clone());
-        async move {
-            let (status, body) = match request.uri().path() {
-                "/healthz" => (StatusCode::OK, serde_json::json!({ "status": "alive" })),
-                "/readyz" if shutdown.is_cancelled() => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({ "status": "shutting down" }),
-                ),
-                "/readyz" => match ingest_serving(ingest).await {
-                    Ok(()) => (StatusCode::OK, serde_json::json!({ "status": "ready" })),
-                    Err(why) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        serde_json::json!({ "status": "not ready", "reason": why }),
-                    ),
-                },
-                _ => (
-                    StatusCode::NOT_FOUND,
-                    serde_json::json!({ "error": "no such route" }),
-                ),
-            };
-            let response = boxed(json(status, &body));
-            Ok::<Response<_>, ServiceError>(response)
-        }
-    }))
+        Box::pin(async move {
+            if shutdown.is_cancelled() {
+                return Err("shutting down".to_owned());
+            }
+            ingest_serving(ingest).await
+        })
+    })
 }
 
 async fn ingest_serving(channel: Channel) -> Result<(), String> {

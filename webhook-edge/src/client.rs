@@ -5,11 +5,18 @@ use std::time::Duration;
 
 use coinflow_shared::proto::v1::ingest_client::IngestClient;
 use coinflow_shared::proto::v1::{DeliverRequest, DeliverResponse, WebhookEvent};
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::{Instant, sleep, timeout_at};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::observe::Metrics;
 
 /// Why a delivery was not acked.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +42,7 @@ pub struct IngestTarget {
     client: IngestClient<Channel>,
     deadline: Duration,
     bearer: Option<MetadataValue<Ascii>>,
+    metrics: Arc<Metrics>,
 }
 
 impl IngestTarget {
@@ -44,6 +52,7 @@ impl IngestTarget {
         url: &str,
         deadline: Duration,
         token: Option<&SecretString>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, DeliverError> {
         let bearer = token
             .map(|t| {
@@ -65,6 +74,7 @@ impl IngestTarget {
             channel,
             deadline,
             bearer,
+            metrics,
         })
     }
 
@@ -77,6 +87,16 @@ impl IngestTarget {
             if remaining.is_zero() {
                 return Err(DeliverError::Deadline(self.deadline));
             }
+            let span = tracing::info_span!(
+                "grpc.client",
+                otel.name = "coinflow.fulfillment.v1.Ingest/Deliver",
+                otel.kind = "client",
+                otel.status_code = Empty,
+                rpc.system = "grpc",
+                rpc.service = "coinflow.fulfillment.v1.Ingest",
+                rpc.method = "Deliver",
+                rpc.grpc.status_code = Empty,
+            );
             let mut request = tonic::Request::new(DeliverRequest {
                 event: Some(event.clone()),
             });
@@ -86,8 +106,31 @@ impl IngestTarget {
                     .metadata_mut()
                     .insert("authorization", bearer.clone());
             }
+            coinflow_shared::telemetry::inject(&span, request.metadata_mut());
             let mut client = self.client.clone();
-            match timeout_at(deadline, client.deliver(request)).await {
+            let started = std::time::Instant::now();
+            let outcome = timeout_at(deadline, client.deliver(request))
+                .instrument(span.clone())
+                .await;
+            let code = match &outcome {
+                Ok(Ok(_)) => Code::Ok,
+                Ok(Err(status)) => status.code(),
+                Err(_) => Code::DeadlineExceeded,
+            };
+            span.record("rpc.grpc.status_code", code as i32);
+            if code != Code::Ok {
+                span.record("otel.status_code", "ERROR");
+            }
+            self.metrics.rpc_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", "coinflow.fulfillment.v1.Ingest"),
+                    KeyValue::new("rpc.method", "Deliver"),
+                    KeyValue::new("rpc.grpc.status_code", code as i64),
+                ],
+            );
+            match outcome {
                 Err(_) => return Err(DeliverError::Deadline(self.deadline)),
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) if retryable(status.code()) => {

@@ -1,8 +1,8 @@
-//! The webhook-edge binary: parse flags, install logging, serve until SIGTERM.
+//! The webhook-edge binary: parse flags, start telemetry, serve until SIGTERM, flush.
 
-use anyhow::Context;
 use clap::Parser;
 use coinflow_shared::config::LogFormat;
+use coinflow_shared::telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 use webhook_edge::{Config, Edge};
 
@@ -20,12 +20,17 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing::subscriber::set_global_default(coinflow_shared::telemetry::subscriber(
-        cli.log_format,
-        "info",
-    ))
-    .context("installing the log subscriber")?;
-    let edge = Edge::build(cli.config).await?;
+    let telemetry = Telemetry::init("webhook-edge", cli.log_format, "info")?;
+    let result = run(cli.config).await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "webhook-edge failed");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let edge = Edge::build(config).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(coinflow_shared::shutdown::on_signal(shutdown.clone()));
     edge.run(shutdown).await;

@@ -3,7 +3,7 @@
 //! `{"success":false,"error":"…"}`.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
@@ -85,17 +85,9 @@ impl EdgeError {
     }
 }
 
+pub use coinflow_shared::http_server::json;
+
 /// `200 {"success":true}`.
 pub fn success() -> Response<Body> {
     json(StatusCode::OK, &serde_json::json!({ "success": true }))
-}
-
-/// A JSON response.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }

@@ -8,13 +8,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::admin_service;
+use crate::admin::readiness;
 use crate::auth::Authenticator;
 use crate::client::{DeliverError, IngestTarget};
 use crate::config::{Config, ConfigError};
-use crate::http_server::serve;
+use crate::observe::{Metrics, ObserveLayer};
 use crate::stack::{Limits, webhook_service};
 use crate::webhook::Webhook;
+use coinflow_shared::http_server::serve;
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +54,12 @@ impl Edge {
     /// Validates `config` and binds both listeners.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         config.validate()?;
+        let metrics = Arc::new(Metrics::new());
         let ingest = IngestTarget::new(
             &config.fulfillment_url,
             Config::ms(config.deliver_deadline_ms),
             config.ingest_token.as_ref(),
+            Arc::clone(&metrics),
         )?;
         let webhook = Arc::new(Webhook {
             path: config.path.clone(),
@@ -68,6 +71,7 @@ impl Edge {
             ),
             ingest,
             retry_after_secs: config.retry_after_secs,
+            metrics,
         });
         let listener = bind(config.listen).await?;
         let admin_listener = bind(config.admin_listen).await?;
@@ -114,14 +118,21 @@ impl Edge {
         );
         let admin = serve(
             self.admin_listener,
-            admin_service(self.webhook.ingest.channel(), shutdown.clone()),
+            coinflow_shared::admin::service(readiness(
+                self.webhook.ingest.channel(),
+                shutdown.clone(),
+            )),
             header_timeout,
             shutdown.clone(),
             Duration::from_secs(1),
         );
         let webhooks = serve(
             self.listener,
-            webhook_service(Arc::clone(&self.webhook), limits),
+            webhook_service(
+                Arc::clone(&self.webhook),
+                limits,
+                ObserveLayer::new(&c.path, Arc::clone(&self.webhook.metrics)),
+            ),
             header_timeout,
             shutdown,
             grace,

@@ -1,20 +1,20 @@
 //! The webhook route's tower stack, one layer per concern, outermost first:
-//! trace → errors-to-responses → load shedding → concurrency limit → request timeout →
-//! body read timeout → body limit → the route.
+//! observe (server span, request metrics) → errors-to-responses → load shedding →
+//! concurrency limit → request timeout → body read timeout → body limit → the route.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::Limited;
 use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
-use tower_http::trace::TraceLayer;
 
-use crate::http_server::{BoxError, HttpService, ResponseBody, ServiceError};
+use crate::observe::ObserveLayer;
 use crate::response::EdgeError;
 use crate::webhook::Webhook;
+use coinflow_shared::http_server::{BoxError, HttpService, ServiceError, boxed};
 
 /// Stack settings.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +32,11 @@ pub struct Limits {
 }
 
 /// Builds the webhook service.
-pub fn webhook_service(webhook: Arc<Webhook>, limits: Limits) -> HttpService {
+pub fn webhook_service(
+    webhook: Arc<Webhook>,
+    limits: Limits,
+    observe: ObserveLayer,
+) -> HttpService {
     let Limits {
         max_concurrency,
         request_timeout,
@@ -42,7 +46,7 @@ pub fn webhook_service(webhook: Arc<Webhook>, limits: Limits) -> HttpService {
     } = limits;
     let service = ServiceBuilder::new()
         .map_response(boxed)
-        .layer(TraceLayer::new_for_http())
+        .layer(observe)
         .map_result(move |result: Result<Response<_>, BoxError>| {
             Ok::<_, ServiceError>(
                 result.unwrap_or_else(|e| tower_error(e).into_response(retry_after_secs)),
@@ -58,15 +62,6 @@ pub fn webhook_service(webhook: Arc<Webhook>, limits: Limits) -> HttpService {
             async move { Ok::<_, Infallible>(webhook.handle(request).await) }
         });
     HttpService::new(service)
-}
-
-/// Erases a response body's type.
-pub(crate) fn boxed<B>(response: Response<B>) -> Response<ResponseBody>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    response.map(|b| b.map_err(Into::into).boxed_unsync())
 }
 
 /// Refuses a declared length over the limit before reading a byte, and caps what is read.

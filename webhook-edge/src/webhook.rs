@@ -9,6 +9,7 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, LengthLimitError};
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
 use coinflow_shared::convert::to_proto;
@@ -17,6 +18,7 @@ use coinflow_shared::proto::v1::Outcome;
 
 use crate::auth::Authenticator;
 use crate::client::{DeliverError, IngestTarget};
+use crate::observe::Metrics;
 use crate::response::{Body, EdgeError, success};
 
 /// What the route needs, shared by every request.
@@ -31,6 +33,8 @@ pub struct Webhook {
     pub ingest: IngestTarget,
     /// `Retry-After` on 503.
     pub retry_after_secs: u64,
+    /// The edge's instruments.
+    pub metrics: Arc<Metrics>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -49,6 +53,10 @@ impl Webhook {
                 let status = e.status();
                 match &e {
                     EdgeError::Unauthorized(reason) => {
+                        tracing::Span::current().record("coinflow.auth_failure", reason.as_str());
+                        self.metrics
+                            .auth_failures
+                            .add(1, &[KeyValue::new("reason", reason.as_str())]);
                         tracing::warn!(reason = reason.as_str(), "delivery refused: unauthorized");
                     }
                     EdgeError::Unavailable => tracing::warn!(
@@ -79,18 +87,37 @@ impl Webhook {
             return Err(EdgeError::UnsupportedMediaType);
         }
         let body = read_body(body, self.body_limit).await?;
-        self.auth
-            .check(&parts.headers, &body, unix_now())
-            .map_err(EdgeError::Unauthorized)?;
-        let envelope = Envelope::parse(&body).map_err(|e| EdgeError::BadRequest(e.to_string()))?;
-        let event = to_proto(envelope, body, SystemTime::now());
+        tracing::info_span!("webhook.auth").in_scope(|| {
+            self.auth
+                .check(&parts.headers, &body, unix_now())
+                .map_err(EdgeError::Unauthorized)
+        })?;
+        let event = tracing::info_span!("webhook.parse").in_scope(|| {
+            Envelope::parse(&body)
+                .map(|envelope| to_proto(envelope, body, SystemTime::now()))
+                .map_err(|e| EdgeError::BadRequest(e.to_string()))
+        })?;
+        let span = tracing::Span::current();
+        span.record("coinflow.event_type", event.event_type.as_str());
+        span.record("coinflow.category", event.category.as_str());
+        if let Some(payment_id) = &event.payment_id {
+            span.record("coinflow.payment_id", payment_id.as_str());
+        }
         let (event_type, payment_id) = (event.event_type.clone(), event.payment_id.clone());
         match self.ingest.deliver(event).await {
             Ok(ack) => {
+                let outcome = Outcome::try_from(ack.outcome)
+                    .unwrap_or_default()
+                    .as_str_name();
+                span.record("coinflow.outcome", outcome);
+                span.record("coinflow.duplicate", ack.duplicate);
+                if let Some(reason) = &ack.held_reason {
+                    span.record("coinflow.held_reason", reason.as_str());
+                }
                 tracing::info!(
                     event_type = %event_type,
                     payment_id = payment_id.as_deref().unwrap_or(""),
-                    outcome = Outcome::try_from(ack.outcome).unwrap_or_default().as_str_name(),
+                    outcome,
                     duplicate = ack.duplicate,
                     latency_ms = started.elapsed().as_millis() as u64,
                     "webhook acked"

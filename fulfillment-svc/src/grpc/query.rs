@@ -26,6 +26,7 @@ use super::invalid;
 use crate::catalog::CatalogHandle;
 use crate::decision::approval_plan;
 use crate::lifecycle::Facts;
+use crate::observe::Metrics;
 use crate::store::{LedgerFilter, Payer, Resolution, Spend, Store, micros};
 
 /// How often a watch re-reads the ledger when no local commit woke it (commits made by
@@ -41,6 +42,7 @@ pub struct QueryService {
     store: Arc<dyn Store>,
     catalog: Arc<CatalogHandle>,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl QueryService {
@@ -49,11 +51,13 @@ impl QueryService {
         store: Arc<dyn Store>,
         catalog: Arc<CatalogHandle>,
         shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
             catalog,
             shutdown,
+            metrics,
         }
     }
 }
@@ -270,6 +274,10 @@ impl Fulfillment for QueryService {
             )));
         }
         let spent = self.store.consume(&spend).await?;
+        if !spent.duplicate {
+            self.metrics
+                .count_entries(std::slice::from_ref(&spent.entry));
+        }
         Ok(Response::new(ConsumeResponse {
             entry: Some(spent.entry),
             balance: spent.balance,
@@ -370,6 +378,7 @@ impl Fulfillment for QueryService {
             .store
             .resolve(&r.payment_id, &resolution, r.operator.trim(), &r.note)
             .await?;
+        self.metrics.count_entries(&resolved.entries);
         tracing::info!(
             payment_id = %r.payment_id,
             review = %resolved.review,

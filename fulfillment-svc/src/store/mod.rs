@@ -51,6 +51,10 @@ pub struct Ack {
     pub held_reason: Option<String>,
     /// The event_key had been recorded before.
     pub duplicate: bool,
+    /// The ledger entries this record wrote (none for a duplicate).
+    pub entries: Vec<LedgerEntry>,
+    /// The catalog entry that prices the payment, when it has a plan.
+    pub item: Option<String>,
 }
 
 /// Whose entitlements.
@@ -193,6 +197,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Resolved, StoreError>;
     /// Records a spend. Idempotent on the key; refused when the balance would go negative.
     async fn consume(&self, spend: &Spend) -> Result<Spent, StoreError>;
+    /// How many payments wait for review, and when the oldest was received (µs).
+    async fn held_summary(&self) -> Result<(u64, Option<i64>), StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -72,6 +72,12 @@ fn ledger_entry(row: &SqliteRow) -> Result<LedgerEntry, sqlx::Error> {
     })
 }
 
+/// The first held event of each payment still waiting for review (no plan, no review).
+const HELD: &str = "e.outcome = 'held' AND e.payment_id IS NOT NULL \
+     AND e.seq = (SELECT MIN(seq) FROM events h WHERE h.payment_id = e.payment_id AND h.outcome = 'held') \
+     AND NOT EXISTS (SELECT 1 FROM plans p WHERE p.payment_id = e.payment_id) \
+     AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.payment_id = e.payment_id)";
+
 const EVENT_COLUMNS: &str = "event_key, event_type, category, created_raw, outcome, \
      held_reason, received_at_us, raw_body, refund_status, seq, payment_id, wallet, raw_customer_id";
 
@@ -342,6 +348,7 @@ fn payer_column(payer: &Payer) -> (&'static str, &str) {
 
 #[async_trait]
 impl Store for SqliteStore {
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "record"))]
     async fn record(&self, event: &WebhookEvent, decision: &Decision) -> Result<Ack, StoreError> {
         let mut tx = self.write.begin().await.map_err(classify)?;
         let existing = sqlx::query("SELECT outcome, held_reason FROM events WHERE event_key = ?")
@@ -354,6 +361,8 @@ impl Store for SqliteStore {
                 outcome: outcome_from_name(row.get::<&str, _>(0)),
                 held_reason: row.get(1),
                 duplicate: true,
+                entries: Vec::new(),
+                item: None,
             });
         }
 
@@ -434,6 +443,8 @@ impl Store for SqliteStore {
             outcome,
             held_reason: held_reason.map(str::to_owned),
             duplicate: false,
+            entries: written,
+            item: effect.map(|(plan, _)| plan.item),
         })
     }
 
@@ -548,12 +559,7 @@ impl Store for SqliteStore {
     async fn list_held(&self, after_seq: i64, limit: u32) -> Result<Vec<HeldPayment>, StoreError> {
         let mut conn = self.read.acquire().await.map_err(classify)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events e
-             WHERE e.outcome = 'held' AND e.payment_id IS NOT NULL AND e.seq > ?
-               AND e.seq = (SELECT MIN(seq) FROM events h
-                            WHERE h.payment_id = e.payment_id AND h.outcome = 'held')
-               AND NOT EXISTS (SELECT 1 FROM plans p WHERE p.payment_id = e.payment_id)
-               AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.payment_id = e.payment_id)
+            "SELECT {EVENT_COLUMNS} FROM events e WHERE {HELD} AND e.seq > ?
              ORDER BY e.seq LIMIT ?"
         )))
         .bind(after_seq)
@@ -582,6 +588,7 @@ impl Store for SqliteStore {
         Ok(held)
     }
 
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "resolve"))]
     async fn resolve(
         &self,
         payment_id: &str,
@@ -695,6 +702,7 @@ impl Store for SqliteStore {
         })
     }
 
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "consume"))]
     async fn consume(&self, spend: &Spend) -> Result<Spent, StoreError> {
         let (column, key) = payer_column(&spend.payer);
         let mut tx = self.write.begin().await.map_err(classify)?;
@@ -769,6 +777,16 @@ impl Store for SqliteStore {
             balance: balance - spend.quantity,
             duplicate: false,
         })
+    }
+
+    async fn held_summary(&self) -> Result<(u64, Option<i64>), StoreError> {
+        let (count, oldest): (i64, Option<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*), MIN(e.received_at_us) FROM events e WHERE {HELD}"
+        )))
+        .fetch_one(&self.read)
+        .await
+        .map_err(classify)?;
+        Ok((u64::try_from(count).unwrap_or(0), oldest))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

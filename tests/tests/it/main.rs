@@ -10,6 +10,7 @@ mod fixtures;
 mod grants;
 mod grpc_surface;
 mod lifecycle;
+mod observability;
 mod review;
 mod slow_clients;
 mod statuses;

@@ -1,11 +1,14 @@
-//! The one accept loop both edge listeners use: HTTP/1.1 and h2c, a header-read timeout
-//! against slow clients, and graceful shutdown (stop accepting, drain with a bound).
+//! The one HTTP accept loop every listener uses (the edge's webhook port, both admin
+//! ports): HTTP/1.1 and h2c, a header-read timeout against slow clients, and graceful
+//! shutdown (stop accepting, drain with a bound). Also the response helpers they share.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -33,6 +36,25 @@ impl From<BoxError> for ServiceError {
     fn from(e: BoxError) -> Self {
         Self(e)
     }
+}
+
+/// Erases a response body's type.
+pub fn boxed<B>(response: Response<B>) -> Response<ResponseBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    response.map(|b| b.map_err(Into::into).boxed_unsync())
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// Serves `service` on `listener` until `shutdown`, then drains connections for at most
