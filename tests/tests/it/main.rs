@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod catalog_reload;
 mod cli;
+mod deploy_observability;
 mod durability;
 mod fixtures;
 mod grants;
