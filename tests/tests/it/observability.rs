@@ -83,6 +83,19 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
         )
         .await;
     assert_eq!(b.status, StatusCode::OK);
+    // Internal callers of the query API get their trace continued too.
+    let query_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut query = coinflow_tests::Query::connect(fulfillment.addr).await;
+    let mut request = tonic::Request::new(coinflow_shared::proto::v1::GetPaymentRequest {
+        payment_id: "obs-2".into(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{query_trace}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    query.0.get_payment(request).await.unwrap();
     // Spans are flushed on graceful shutdown.
     assert!(edge.terminate().await.success());
     assert!(fulfillment.terminate().await.success());
@@ -223,6 +236,62 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
         );
         assert!(!logged.contains(secret), "logs contain {secret}");
     }
+}
+
+#[tokio::test]
+async fn service_name_resource_attributes_and_sampler_come_from_the_environment() {
+    let (collector, otlp) = Collector::start().await;
+    let endpoint = format!("http://{otlp}");
+    let common = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut fulfillment = Proc::fulfillment_env(
+        &dir.path().join("l.db"),
+        &[&common[..], &[("OTEL_TRACES_SAMPLER", "always_off")]].concat(),
+    )
+    .await;
+    let mut edge = Proc::edge(
+        fulfillment.addr,
+        KEY,
+        &[
+            &common[..],
+            &[
+                ("OTEL_SERVICE_NAME", "renamed-edge"),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=it-test"),
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    let url = format!("http://{}/webhooks/coinflow", edge.addr);
+    assert_eq!(
+        Http::default()
+            .deliver(&url, fixture("settled-sword.json"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert!(edge.terminate().await.success());
+    assert!(fulfillment.terminate().await.success());
+    let spans = collector.spans();
+    assert!(
+        spans.iter().any(|s| s.service == "renamed-edge"),
+        "{spans:#?}"
+    );
+    assert!(
+        spans.iter().all(|s| s.service == "renamed-edge"),
+        "fulfillment samples nothing"
+    );
+    assert!(
+        collector
+            .values
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| v == "it-test")
+    );
 }
 
 #[tokio::test]
