@@ -7,7 +7,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-/// An answer: status, headers and the JSON body.
+/// An answer: status, headers and the body.
 #[derive(Debug)]
 pub struct Answer {
     /// The status.
@@ -16,6 +16,8 @@ pub struct Answer {
     pub headers: HeaderMap,
     /// The body as JSON (`Null` when it isn't).
     pub json: serde_json::Value,
+    /// The body as text.
+    pub text: String,
 }
 
 /// An HTTP client.
@@ -52,6 +54,7 @@ impl Http {
             status: parts.status,
             headers: parts.headers,
             json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            text: String::from_utf8_lossy(&bytes).into_owned(),
         }
     }
 

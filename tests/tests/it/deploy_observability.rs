@@ -30,23 +30,10 @@ fn metric_names(expr: &str, into: &mut BTreeSet<String>) {
 }
 
 async fn exposed(admin: std::net::SocketAddr, into: &mut BTreeSet<String>) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = client
-        .get(format!("http://{admin}/metrics").parse().unwrap())
+    let text = Http::default()
+        .get(&format!("http://{admin}/metrics"))
         .await
-        .unwrap();
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+        .text;
     for line in text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

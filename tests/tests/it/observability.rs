@@ -331,19 +331,11 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn scrape(admin: std::net::SocketAddr) -> String {
-    let response = reqwest_like_get(&format!("http://{admin}/metrics")).await;
-    assert!(response.0.is_success());
-    response.1
-}
-
-async fn reqwest_like_get(url: &str) -> (StatusCode, String) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = client.get(url.parse().unwrap()).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let answer = Http::default()
+        .get(&format!("http://{admin}/metrics"))
+        .await;
+    assert!(answer.status.is_success());
+    answer.text
 }
 
 #[tokio::test]
@@ -498,8 +490,10 @@ async fn metrics_count_exactly_what_was_sent() {
     }
     assert_eq!(sample(&f, "coinflow_review_queue_size", &[]), 1.0, "{f}");
     assert!(sample(&f, "coinflow_review_oldest_age_seconds", &[]) > 0.0);
-    let ready = reqwest_like_get(&format!("http://{}/readyz", fulfillment.admin)).await;
-    assert_eq!(ready.0, StatusCode::OK);
+    let ready = Http::default()
+        .get(&format!("http://{}/readyz", fulfillment.admin))
+        .await;
+    assert_eq!(ready.status, StatusCode::OK);
     assert!(edge.terminate().await.success());
     assert!(fulfillment.terminate().await.success());
 }
