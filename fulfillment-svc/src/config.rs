@@ -22,13 +22,18 @@ pub struct Config {
         default_value = "127.0.0.1:9091"
     )]
     pub admin_listen: SocketAddr,
-    /// The ledger database. `sqlite://path` (created if missing) is the embedded default.
+    /// The ledger database: `sqlite://path` (the embedded default, created if missing) or
+    /// `postgres://user:pass@host/db` (shared by replicas).
     #[arg(
         long,
         env = "FULFILLMENT_DATABASE_URL",
         default_value = "sqlite://fulfillment.db"
     )]
     pub database_url: String,
+    /// Apply pending PostgreSQL migrations at start (single replica). With several
+    /// replicas, run `fulfillment-svc migrate` once instead. SQLite always migrates.
+    #[arg(long, env = "FULFILLMENT_MIGRATE_ON_START")]
+    pub migrate_on_start: bool,
     /// The catalog file (TOML) mapping `webhookInfo` items to grants.
     #[arg(long, env = "FULFILLMENT_CATALOG", default_value = "catalog.toml")]
     pub catalog: PathBuf,
@@ -65,6 +70,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url,
+            migrate_on_start: true,
             catalog,
             catalog_reload_secs: 5,
             chargeback_policy: ChargebackPolicy::default(),

@@ -6,6 +6,7 @@ use coinflow_shared::proto::v1::payer::Id as PayerId;
 use coinflow_shared::telemetry::Telemetry;
 use fulfillment_svc::catalog::Catalog;
 use fulfillment_svc::cli::{self, HeldCommand, Target};
+use fulfillment_svc::store::sql::{SqlStore, redact};
 use fulfillment_svc::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Serve gRPC (the default).
     Serve,
+    /// Apply pending database migrations and exit (a Kubernetes Job before a rollout).
+    Migrate,
     /// Validate a catalog file and exit; errors name the bad entry.
     CheckCatalog {
         /// The catalog file.
@@ -70,6 +73,10 @@ async fn main() -> anyhow::Result<()> {
             }
             telemetry.shutdown();
             result?;
+        }
+        Command::Migrate => {
+            SqlStore::migrate(&cli.config.database_url).await?;
+            eprintln!("{}: migrations applied", redact(&cli.config.database_url));
         }
         Command::CheckCatalog { path } => {
             let catalog = Catalog::load(&path)?;

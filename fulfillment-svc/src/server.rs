@@ -21,7 +21,7 @@ use crate::grpc::ingest::IngestService;
 use crate::grpc::query::QueryService;
 use crate::lifecycle::ChargebackPolicy;
 use crate::observe::{Metrics, ObserveLayer};
-use crate::store::sqlite::SqliteStore;
+use crate::store::sql::{Backend, Migrations, SqlStore};
 use crate::store::{Store, StoreError};
 use coinflow_shared::admin::Readiness;
 
@@ -40,9 +40,6 @@ pub enum StartError {
          --allow-unauthenticated for local development"
     )]
     NoTokens,
-    /// The database URL names no supported backend.
-    #[error("unsupported database URL {0:?}: expected sqlite://<path>")]
-    UnsupportedDatabase(String),
     /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -60,12 +57,21 @@ pub enum StartError {
 }
 
 /// Opens the storage backend that `url`'s scheme names.
-pub async fn open_store(url: &str, policy: ChargebackPolicy) -> Result<Arc<dyn Store>, StartError> {
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url, policy).await?))
-    } else {
-        Err(StartError::UnsupportedDatabase(url.to_owned()))
-    }
+///
+/// SQLite is migrated at every start (one process owns the file). PostgreSQL is migrated
+/// by the `migrate` subcommand (a Kubernetes Job) and only required to be current at
+/// start, unless `migrate_on_start` is set (the single-pod case).
+pub async fn open_store(
+    url: &str,
+    policy: ChargebackPolicy,
+    migrate_on_start: bool,
+) -> Result<Arc<dyn Store>, StartError> {
+    let migrations = match Backend::of(url)? {
+        Backend::Sqlite => Migrations::Apply,
+        Backend::Postgres if migrate_on_start => Migrations::Apply,
+        Backend::Postgres => Migrations::Require,
+    };
+    Ok(Arc::new(SqlStore::open(url, policy, migrations).await?))
 }
 
 /// A fulfillment server, bound and ready to run.
@@ -85,7 +91,12 @@ impl Server {
             return Err(StartError::NoTokens);
         }
         let catalog = Arc::new(CatalogHandle::load(&config.catalog)?);
-        let store = open_store(&config.database_url, config.chargeback_policy).await?;
+        let store = open_store(
+            &config.database_url,
+            config.chargeback_policy,
+            config.migrate_on_start,
+        )
+        .await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

@@ -4,12 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod bodies;
+pub mod db;
 pub mod http;
 pub mod otlp;
 pub mod process;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+pub use db::TestDb;
 
 use coinflow_shared::config::{SecretList, parse_secret_list};
 use coinflow_shared::proto::v1::fulfillment_client::FulfillmentClient;
@@ -52,24 +55,20 @@ pub struct FulfillmentHandle {
 }
 
 impl FulfillmentHandle {
-    /// Starts one on `listen` over the SQLite file `db`.
-    pub async fn start_on(db: &Path, listen: SocketAddr) -> Self {
+    /// Starts one on `listen` over `db`.
+    pub async fn start_on(db: &TestDb, listen: SocketAddr) -> Self {
         Self::start_with(db, |c| c.listen = listen).await
     }
 
-    /// The test config for the SQLite file `db`: example catalog, test tokens, port 0.
-    pub fn config(db: &Path) -> fulfillment_svc::Config {
-        let mut config = fulfillment_svc::Config::local(
-            format!("sqlite://{}", db.display()),
-            catalog_path(),
-            API_TOKEN,
-        );
+    /// The test config for `db`: example catalog, test tokens, port 0.
+    pub fn config(db: &TestDb) -> fulfillment_svc::Config {
+        let mut config = fulfillment_svc::Config::local(db.url.clone(), catalog_path(), API_TOKEN);
         config.ingest_tokens = keys(&[INGEST_TOKEN]);
         config
     }
 
     /// Starts one over `db` with the test config as `tweak` adjusts it.
-    pub async fn start_with(db: &Path, tweak: impl FnOnce(&mut fulfillment_svc::Config)) -> Self {
+    pub async fn start_with(db: &TestDb, tweak: impl FnOnce(&mut fulfillment_svc::Config)) -> Self {
         let mut config = Self::config(db);
         tweak(&mut config);
         let server = fulfillment_svc::Server::build(config).await.unwrap();
@@ -85,7 +84,7 @@ impl FulfillmentHandle {
     }
 
     /// Starts one on a free port over `db`.
-    pub async fn start(db: &Path) -> Self {
+    pub async fn start(db: &TestDb) -> Self {
         Self::start_on(db, SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
@@ -138,8 +137,8 @@ pub fn edge_config(fulfillment: SocketAddr) -> webhook_edge::Config {
 
 /// Both services on a fresh temp database.
 pub struct Stack {
-    /// Holds the database.
-    pub dir: tempfile::TempDir,
+    /// The database.
+    pub db: TestDb,
     /// Fulfillment.
     pub fulfillment: FulfillmentHandle,
     /// Edge.
@@ -154,13 +153,13 @@ impl Stack {
 
     /// Starts fulfillment and an edge whose config `tweak` adjusts.
     pub async fn start_with(tweak: impl FnOnce(&mut webhook_edge::Config)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let fulfillment = FulfillmentHandle::start(&dir.path().join("ledger.db")).await;
+        let db = TestDb::new().await;
+        let fulfillment = FulfillmentHandle::start(&db).await;
         let mut config = edge_config(fulfillment.addr);
         tweak(&mut config);
         let edge = EdgeHandle::start(config).await;
         Self {
-            dir,
+            db,
             fulfillment,
             edge,
         }

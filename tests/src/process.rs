@@ -89,31 +89,39 @@ impl Proc {
         }
     }
 
-    /// fulfillment-svc over the SQLite file `db`, on a free port.
-    pub async fn fulfillment(db: &Path) -> Self {
+    /// fulfillment-svc over `db`, on free ports.
+    pub async fn fulfillment(db: &crate::TestDb) -> Self {
         Self::fulfillment_env(db, &[]).await
     }
 
     /// fulfillment-svc over `db` with extra environment.
-    pub async fn fulfillment_env(db: &Path, env: &[(&str, &str)]) -> Self {
+    pub async fn fulfillment_env(db: &crate::TestDb, env: &[(&str, &str)]) -> Self {
         Self::fulfillment_with(db, &crate::catalog_path(), env).await
     }
 
     /// fulfillment-svc over `db` with the catalog file `catalog` and extra environment.
-    pub async fn fulfillment_with(db: &Path, catalog: &Path, env: &[(&str, &str)]) -> Self {
-        let url = format!("sqlite://{}", db.display());
+    pub async fn fulfillment_with(
+        db: &crate::TestDb,
+        catalog: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let url = db.url.as_str();
         Self::start(
             "fulfillment-svc",
             &[
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--database-url",
-                &url,
-                "--catalog",
-                catalog.to_str().unwrap(),
-            ],
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--database-url",
+                    url,
+                    "--catalog",
+                    catalog.to_str().unwrap(),
+                ],
+                db.flags(),
+            ]
+            .concat(),
             &[
                 &[
                     ("FULFILLMENT_API_TOKENS", crate::API_TOKEN),

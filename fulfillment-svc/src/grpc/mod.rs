@@ -13,7 +13,7 @@ use crate::store::StoreError;
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => {
+            StoreError::Unavailable(_) | StoreError::Conflict(_) => {
                 tracing::warn!(error = %e, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry")
             }

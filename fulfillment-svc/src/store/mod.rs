@@ -1,5 +1,5 @@
-//! Durable storage behind one trait, so backends are interchangeable. SQLite is the
-//! embedded default ([`sqlite`]).
+//! Durable storage behind one trait, so backends are interchangeable: [`sql`] implements
+//! it on SQLite (the embedded default) and on PostgreSQL (shared by replicas).
 //!
 //! Every backend keeps these promises:
 //! - A write returns only after its transaction is committed durably.
@@ -12,7 +12,7 @@
 //! - Events, plans, reviews and ledger rows are never updated or deleted.
 
 pub mod reconcile;
-pub mod sqlite;
+pub mod sql;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,6 +40,10 @@ pub enum StoreError {
     /// Nothing is recorded under that id.
     #[error("{0}")]
     NotFound(String),
+    /// The write lost a race with a concurrent one (a unique key or a serialization
+    /// failure); the store retries it, so callers only see this if retries ran out.
+    #[error("write conflict: {0}")]
+    Conflict(#[source] sqlx::Error),
 }
 
 /// The result of recording one event.

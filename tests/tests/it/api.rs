@@ -8,6 +8,7 @@ use coinflow_shared::proto::v1::payer::Id as PayerId;
 use coinflow_shared::proto::v1::{
     ConsumeRequest, GetEntitlementsRequest, ListLedgerRequest, Payer, WatchEntitlementsRequest,
 };
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{event, settled, wallet_of};
 use coinflow_tests::{FulfillmentHandle, Stack, channel, ingest, ingest_client};
 use tokio_stream::StreamExt;
@@ -326,8 +327,8 @@ async fn an_edge_without_the_ingest_token_gets_no_ack() {
 
 #[tokio::test]
 async fn health_reports_not_serving_once_shutdown_begins() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = FulfillmentHandle::start(&dir.path().join("l.db")).await;
+    let db = TestDb::new().await;
+    let f = FulfillmentHandle::start(&db).await;
     let mut health = HealthClient::new(channel(f.addr).await);
     let mut updates = health
         .watch(HealthCheckRequest {

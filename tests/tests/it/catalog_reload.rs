@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use coinflow_shared::proto::v1::Outcome;
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::settled;
 use coinflow_tests::process::Proc;
 use coinflow_tests::{FulfillmentHandle, Query, catalog_path, ingest, ingest_client};
@@ -23,10 +24,11 @@ fn catalog_with(version: &str, sword_cents: i64) -> String {
 
 #[tokio::test]
 async fn a_changed_file_is_picked_up_and_an_invalid_one_is_refused() {
+    let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("catalog.toml");
     std::fs::write(&path, catalog_with("v1", 500)).unwrap();
-    let f = FulfillmentHandle::start_with(&dir.path().join("l.db"), |c| {
+    let f = FulfillmentHandle::start_with(&db, |c| {
         c.catalog = path.clone();
         c.catalog_reload_secs = 1;
     })
@@ -67,15 +69,12 @@ async fn a_changed_file_is_picked_up_and_an_invalid_one_is_refused() {
 
 #[tokio::test]
 async fn sighup_reloads_and_logs_why_a_bad_file_was_refused() {
+    let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("catalog.toml");
     std::fs::write(&path, catalog_with("v1", 500)).unwrap();
-    let mut f = Proc::fulfillment_with(
-        &dir.path().join("l.db"),
-        &path,
-        &[("FULFILLMENT_CATALOG_RELOAD_SECS", "3600")],
-    )
-    .await;
+    let mut f =
+        Proc::fulfillment_with(&db, &path, &[("FULFILLMENT_CATALOG_RELOAD_SECS", "3600")]).await;
     let mut client = ingest_client(f.addr).await;
 
     std::fs::write(&path, catalog_with("v2", 300)).unwrap();

@@ -1,5 +1,6 @@
 //! The operator CLI against a running fulfillment-svc process.
 
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{settled, wallet_of};
 use coinflow_tests::process::{Proc, bin};
 use coinflow_tests::{API_TOKEN, ingest, ingest_client};
@@ -22,8 +23,8 @@ async fn run(args: &[&str], server: &str) -> (bool, String, String) {
 
 #[tokio::test]
 async fn operators_list_approve_and_inspect() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut f = Proc::fulfillment(&dir.path().join("l.db")).await;
+    let db = TestDb::new().await;
+    let mut f = Proc::fulfillment(&db).await;
     let server = format!("http://{}", f.addr);
     let mut client = ingest_client(f.addr).await;
     ingest(&mut client, &settled("cli-1", "sword", 100)).await;

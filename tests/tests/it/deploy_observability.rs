@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use coinflow_tests::KEY;
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::settled;
 use coinflow_tests::http::Http;
 use coinflow_tests::process::Proc;
@@ -57,8 +58,8 @@ async fn dashboard_and_alerts_query_metrics_that_exist() {
     metric_names(&rules, &mut wanted);
     assert!(wanted.len() >= 8, "{wanted:?}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut fulfillment = Proc::fulfillment(&dir.path().join("l.db")).await;
+    let db = TestDb::new().await;
+    let mut fulfillment = Proc::fulfillment(&db).await;
     let mut edge = Proc::edge(fulfillment.addr, KEY, &[]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     let http = Http::default();

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use coinflow_shared::proto::v1::Outcome;
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{fixture, settled, sign, wallet_of};
 use coinflow_tests::http::Http;
 use coinflow_tests::process::Proc;
@@ -12,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn fulfillment_down_then_up_the_retry_grants_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
     let addr = free_addr();
     let mut config = edge_config(addr);
     config.deliver_deadline_ms = 300;
@@ -23,7 +24,7 @@ async fn fulfillment_down_then_up_the_retry_grants_once() {
     let down = http.deliver(&edge.url(), body.clone()).await;
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let fulfillment = FulfillmentHandle::start_on(&dir.path().join("ledger.db"), addr).await;
+    let fulfillment = FulfillmentHandle::start_on(&db, addr).await;
     // Coinflow retries the same delivery; the edge reconnects on its own.
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     for _ in 0..50 {
@@ -47,8 +48,7 @@ async fn fulfillment_down_then_up_the_retry_grants_once() {
 
 #[tokio::test]
 async fn kill_9_right_after_an_ack_keeps_the_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
+    let db = TestDb::new().await;
     let mut fulfillment = Proc::fulfillment(&db).await;
     let edge = EdgeHandle::start(edge_config(fulfillment.addr)).await;
 
@@ -71,8 +71,7 @@ async fn kill_9_right_after_an_ack_keeps_the_event() {
 
 #[tokio::test]
 async fn kill_9_under_load_every_acked_event_survives() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
+    let db = TestDb::new().await;
     let mut fulfillment = Proc::fulfillment(&db).await;
     let mut config = edge_config(fulfillment.addr);
     config.deliver_deadline_ms = 1000;
@@ -148,8 +147,8 @@ async fn kill_9_under_load_every_acked_event_survives() {
 
 #[tokio::test]
 async fn sigterm_lets_the_services_exit_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut fulfillment = Proc::fulfillment(&dir.path().join("ledger.db")).await;
+    let db = TestDb::new().await;
+    let mut fulfillment = Proc::fulfillment(&db).await;
     let mut edge = Proc::edge(fulfillment.addr, KEY, &[]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     assert_eq!(
@@ -165,8 +164,8 @@ async fn sigterm_lets_the_services_exit_cleanly() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_the_request_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let fulfillment = FulfillmentHandle::start(&dir.path().join("ledger.db")).await;
+    let db = TestDb::new().await;
+    let fulfillment = FulfillmentHandle::start(&db).await;
     let edge = EdgeHandle::start(edge_config(fulfillment.addr)).await;
 
     let body = settled("p-inflight", "sword", 500);
@@ -211,9 +210,8 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
 
 #[tokio::test]
 async fn logs_never_contain_keys_authorization_or_signatures() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut fulfillment =
-        Proc::fulfillment_env(&dir.path().join("l.db"), &[("RUST_LOG", "trace")]).await;
+    let db = TestDb::new().await;
+    let mut fulfillment = Proc::fulfillment_env(&db, &[("RUST_LOG", "trace")]).await;
     let keys = format!("{KEY},second-secret-key");
     let mut edge = Proc::edge(fulfillment.addr, &keys, &[("RUST_LOG", "trace")]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);

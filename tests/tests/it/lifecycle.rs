@@ -2,6 +2,7 @@
 //! grants. Run against the real service over gRPC.
 
 use coinflow_shared::proto::v1::Outcome;
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{event, fixture, settled, wallet_of};
 use coinflow_tests::http::Http;
 use coinflow_tests::{FulfillmentHandle, Query, Stack, ingest, ingest_client};
@@ -40,9 +41,9 @@ fn two_orders() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
 #[test]
 fn every_order_with_duplicates_ends_in_the_same_state_and_grants() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let db = rt.block_on(TestDb::new());
     let (client, query) = rt.block_on(async {
-        let f = FulfillmentHandle::start(&dir.path().join("ledger.db")).await;
+        let f = FulfillmentHandle::start(&db).await;
         let clients = (ingest_client(f.addr).await, Query::connect(f.addr).await);
         std::mem::forget(f); // serve for the whole test
         clients
@@ -227,8 +228,8 @@ async fn chargeback_opened_revoked_won_restored_through_the_edge_in_list_ledger(
 
 #[tokio::test]
 async fn hold_until_lost_keeps_the_grant_while_disputed() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = FulfillmentHandle::start_with(&dir.path().join("l.db"), |c| {
+    let db = TestDb::new().await;
+    let f = FulfillmentHandle::start_with(&db, |c| {
         c.chargeback_policy = ChargebackPolicy::HoldUntilLost;
     })
     .await;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{fixture, now, settled, sign, sign_at};
 use coinflow_tests::http::Http;
 use coinflow_tests::otlp::{Collector, Received};
@@ -22,11 +23,11 @@ fn card_body() -> Vec<u8> {
         .into_bytes()
 }
 
-async fn stack(env: &[(&str, &str)]) -> (tempfile::TempDir, Proc, Proc) {
-    let dir = tempfile::tempdir().unwrap();
-    let fulfillment = Proc::fulfillment_env(&dir.path().join("l.db"), env).await;
+async fn stack(env: &[(&str, &str)]) -> (TestDb, Proc, Proc) {
+    let db = TestDb::new().await;
+    let fulfillment = Proc::fulfillment_env(&db, env).await;
     let edge = Proc::edge(fulfillment.addr, KEY, env).await;
-    (dir, fulfillment, edge)
+    (db, fulfillment, edge)
 }
 
 fn one<'a>(spans: &'a [Received], service: &str, name: &str) -> &'a Received {
@@ -56,7 +57,7 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
         ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
         ("RUST_LOG", "debug"),
     ];
-    let (_dir, mut fulfillment, mut edge) = stack(&env).await;
+    let (test_db, mut fulfillment, mut edge) = stack(&env).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     let http = Http::default();
 
@@ -177,7 +178,11 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
     assert_eq!(grpc.attr("rpc.grpc.status_code").as_deref(), Some("0"));
     let db = one(&in_trace, "fulfillment-svc", "db.transaction");
     assert_eq!(db.parent_id(), grpc.span_id());
-    assert_eq!(db.attr("db.system.name").as_deref(), Some("sqlite"));
+    let system = match test_db.backend {
+        coinflow_tests::db::Backend::Sqlite => "sqlite",
+        coinflow_tests::db::Backend::Postgres => "postgresql",
+    };
+    assert_eq!(db.attr("db.system.name").as_deref(), Some(system));
 
     // The second webhook continued the caller's trace.
     let continued = spans
@@ -246,9 +251,9 @@ async fn service_name_resource_attributes_and_sampler_come_from_the_environment(
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "50"),
     ];
-    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
     let mut fulfillment = Proc::fulfillment_env(
-        &dir.path().join("l.db"),
+        &db,
         &[&common[..], &[("OTEL_TRACES_SAMPLER", "always_off")]].concat(),
     )
     .await;

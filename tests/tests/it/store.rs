@@ -1,5 +1,5 @@
-//! The SQLite store directly: the database, not process memory, enforces exactly-once, and
-//! recorded rows cannot change.
+//! The store directly, on this run's backend: the database, not process memory, enforces
+//! exactly-once, and recorded rows cannot change.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -8,10 +8,11 @@ use bytes::Bytes;
 use coinflow_shared::convert::to_proto;
 use coinflow_shared::envelope::Envelope;
 use coinflow_shared::proto::v1::{Outcome, WebhookEvent};
+use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{event, settled};
 use fulfillment_svc::catalog::Catalog;
 use fulfillment_svc::decision::decide;
-use fulfillment_svc::store::sqlite::SqliteStore;
+use fulfillment_svc::store::sql::{Migrations, SqlStore};
 use fulfillment_svc::store::{Payer, Store};
 
 fn proto(body: Vec<u8>) -> WebhookEvent {
@@ -19,21 +20,20 @@ fn proto(body: Vec<u8>) -> WebhookEvent {
     to_proto(env, Bytes::from(body), SystemTime::now())
 }
 
-async fn open() -> (tempfile::TempDir, Arc<SqliteStore>, Catalog) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(
-        &format!("sqlite://{}", dir.path().join("s.db").display()),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+async fn open(db: &TestDb) -> (Arc<SqlStore>, Catalog) {
+    let store = SqlStore::open(&db.url, Default::default(), Migrations::Apply)
+        .await
+        .unwrap();
     let catalog = Catalog::load(&coinflow_tests::catalog_path()).unwrap();
-    (dir, Arc::new(store), catalog)
+    (Arc::new(store), catalog)
 }
 
 #[tokio::test]
 async fn concurrent_records_of_one_payment_grant_once() {
-    let (_dir, store, catalog) = open().await;
+    let db = TestDb::new().await;
+    let (store, catalog) = open(&db).await;
+    // Two stores on one database stand for two replicas.
+    let (other, _) = open(&db).await;
     // 10 copies of one delivery and 10 other deliveries of the same payment, all at once.
     let tasks = (0..20).map(|i| {
         let created = if i % 2 == 0 {
@@ -43,7 +43,11 @@ async fn concurrent_records_of_one_payment_grant_once() {
         };
         let ev = proto(event("Settled", "p-race", "sword", 500, &created));
         let decision = decide(&ev, &catalog);
-        let store = Arc::clone(&store);
+        let store = if i % 4 < 2 {
+            Arc::clone(&store)
+        } else {
+            Arc::clone(&other)
+        };
         tokio::spawn(async move { store.record(&ev, &decision).await.unwrap() })
     });
     let acks: Vec<_> = futures::future::join_all(tasks)
@@ -69,8 +73,46 @@ async fn concurrent_records_of_one_payment_grant_once() {
 }
 
 #[tokio::test]
+async fn a_refund_racing_its_settled_on_two_replicas_still_reverses() {
+    let db = TestDb::new().await;
+    let (a, catalog) = open(&db).await;
+    let (b, _) = open(&db).await;
+    for i in 0..20 {
+        let payment = format!("p-race-refund-{i}");
+        let settled = proto(settled(&payment, "sword", 500));
+        let refund = proto(event(
+            "Refund",
+            &payment,
+            "sword",
+            500,
+            "2026-11-22T00:00:00Z",
+        ));
+        let (ds, dr) = (decide(&settled, &catalog), decide(&refund, &catalog));
+        let (a, b) = (Arc::clone(&a), Arc::clone(&b));
+        let one = tokio::spawn(async move { a.record(&settled, &ds).await.unwrap() });
+        let two = tokio::spawn(async move { b.record(&refund, &dr).await.unwrap() });
+        one.await.unwrap();
+        two.await.unwrap();
+        let wallet = format!("mygameʬ{payment}");
+        assert!(
+            other_entitlements(&db, &wallet).await.is_empty(),
+            "{payment}: a refunded payment keeps nothing"
+        );
+    }
+}
+
+async fn other_entitlements(db: &TestDb, wallet: &str) -> Vec<(String, i64)> {
+    let (store, _) = open(db).await;
+    store
+        .entitlements(&Payer::Wallet(wallet.into()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
 async fn a_redelivery_returns_the_original_outcome() {
-    let (_dir, store, catalog) = open().await;
+    let db = TestDb::new().await;
+    let (store, catalog) = open(&db).await;
     let ev = proto(settled("p-dup", "sword", 100));
     let first = store.record(&ev, &decide(&ev, &catalog)).await.unwrap();
     assert_eq!(
@@ -94,13 +136,12 @@ async fn a_redelivery_returns_the_original_outcome() {
 
 #[tokio::test]
 async fn recorded_rows_cannot_be_updated_or_deleted() {
-    let (dir, store, catalog) = open().await;
+    let db = TestDb::new().await;
+    let (store, catalog) = open(&db).await;
     let ev = proto(settled("p-immutable", "sword", 500));
     store.record(&ev, &decide(&ev, &catalog)).await.unwrap();
-    let pool =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("s.db").display()))
-            .await
-            .unwrap();
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
     for sql in [
         "UPDATE ledger SET quantity = 2",
         "DELETE FROM ledger",
@@ -117,4 +158,18 @@ async fn recorded_rows_cannot_be_updated_or_deleted() {
             "{sql}: {err}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_database_that_was_not_migrated_is_refused_with_what_to_do() {
+    let db = TestDb::new().await;
+    let err = SqlStore::open(&db.url, Default::default(), Migrations::Require)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fulfillment-svc migrate"), "{err}");
+    SqlStore::migrate(&db.url).await.unwrap();
+    SqlStore::open(&db.url, Default::default(), Migrations::Require)
+        .await
+        .unwrap();
 }

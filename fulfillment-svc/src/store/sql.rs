@@ -1,0 +1,1066 @@
+//! The SQL backends behind [`Store`]: embedded SQLite (the default, one process) and
+//! PostgreSQL (several replicas sharing one ledger), one implementation over sqlx's `Any`
+//! driver, chosen by the URL scheme. Queries use `$n` placeholders, which both accept.
+//!
+//! Durability: SQLite runs in WAL mode with `synchronous = FULL`. In WAL mode `NORMAL`
+//! survives a killed process but may lose the last commits on power loss or an OS crash;
+//! a 200 to Coinflow cannot be taken back, so every commit fsyncs the WAL. PostgreSQL
+//! commits are durable with its defaults (`synchronous_commit = on`).
+//!
+//! Concurrency and exactly-once, enforced by the database, never by process memory:
+//! - SQLite has one writer connection, so write transactions are serialised.
+//! - PostgreSQL serialises the transactions of one payment with a transaction-scoped
+//!   advisory lock on its id (and one payer's spends on the payer), so each sees the
+//!   others' events before reconciling. Ledger appends take one more advisory lock, held
+//!   to commit, so `seq` order is commit order and a `WatchEntitlements` cursor never
+//!   skips a late commit.
+//! - Unique keys back all of it: `events.event_key`, `plans.payment_id`,
+//!   `reviews.payment_id`, `ledger (payment_id, entry_no)`, `ledger.idempotency_key`. A
+//!   writer that loses a race gets a unique violation, and the whole transaction is
+//!   retried: it then sees what won and returns that.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use coinflow_shared::proto::v1::{LedgerEntry, Outcome, RecordedEvent, WebhookEvent};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr};
+use tokio::sync::watch;
+
+use super::reconcile::{Delta, Held, Kind, deltas};
+use super::{
+    Ack, HeldPayment, LedgerFilter, Payer, PaymentRecord, Resolution, Resolved, Spend, Spent,
+    Store, StoreError, micros, outcome_from_name, outcome_name, timestamp,
+};
+use crate::catalog::Grant;
+use crate::decision::{Decision, GrantPlan, SETTLED};
+use crate::lifecycle::{ChargebackPolicy, Facts};
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://path`
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names.
+    pub fn of(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Self::Postgres)
+        } else {
+            Err(StoreError::Setup(format!(
+                "unsupported database URL {:?}: expected sqlite://<path> or postgres://…",
+                redact(url)
+            )))
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgresql",
+        }
+    }
+
+    fn migrator(self) -> Migrator {
+        let sql = match self {
+            Self::Sqlite => include_str!("../../migrations/sqlite/0001_ledger.sql"),
+            Self::Postgres => include_str!("../../migrations/postgres/0001_ledger.sql"),
+        };
+        Migrator::with_migrations(vec![Migration::new(
+            1,
+            "ledger".into(),
+            MigrationType::Simple,
+            sql.into_sql_str(),
+            false,
+        )])
+    }
+}
+
+/// A database URL with any password replaced, for errors and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// SQL storage.
+#[derive(Debug)]
+pub struct SqlStore {
+    write: AnyPool,
+    read: AnyPool,
+    backend: Backend,
+    policy: ChargebackPolicy,
+    commits: watch::Sender<i64>,
+}
+
+/// How [`SqlStore::open`] treats migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrations {
+    /// Apply pending migrations.
+    Apply,
+    /// Require them applied already (a `migrate` Job ran).
+    Require,
+}
+
+const ADVISORY_LEDGER_APPEND: i64 = 0x636f_696e_666c_6f77; // "coinflow"
+const MAX_ATTEMPTS: u32 = 8;
+
+const LEDGER_COLUMNS: &str = "seq, payment_id, kind, sku, quantity, wallet, raw_customer_id, \
+     item, event_key, recorded_at_us, catalog_version, actor, note";
+
+/// The first held event of each payment still waiting for review (no plan, no review).
+const HELD: &str = "e.outcome = 'held' AND e.payment_id IS NOT NULL \
+     AND e.seq = (SELECT MIN(seq) FROM events h WHERE h.payment_id = e.payment_id AND h.outcome = 'held') \
+     AND NOT EXISTS (SELECT 1 FROM plans p WHERE p.payment_id = e.payment_id) \
+     AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.payment_id = e.payment_id)";
+
+const EVENT_COLUMNS: &str = "event_key, event_type, category, created_raw, outcome, \
+     held_reason, received_at_us, raw_body, refund_status, seq, payment_id, wallet, raw_customer_id";
+
+fn ledger_entry(row: &AnyRow) -> Result<LedgerEntry, sqlx::Error> {
+    Ok(LedgerEntry {
+        seq: row.try_get(0)?,
+        payment_id: row.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
+        kind: row.try_get(2)?,
+        sku: row.try_get(3)?,
+        quantity: row.try_get(4)?,
+        wallet: row.try_get(5)?,
+        raw_customer_id: row.try_get(6)?,
+        item: row.try_get(7)?,
+        event_key: row.try_get::<Option<String>, _>(8)?.unwrap_or_default(),
+        recorded_at: Some(timestamp(row.try_get(9)?)),
+        catalog_version: row.try_get(10)?,
+        actor: row.try_get(11)?,
+        note: row.try_get(12)?,
+    })
+}
+
+fn recorded_event(row: &AnyRow) -> Result<RecordedEvent, sqlx::Error> {
+    Ok(RecordedEvent {
+        event_key: row.try_get(0)?,
+        event_type: row.try_get(1)?,
+        category: row.try_get(2)?,
+        created_raw: row.try_get(3)?,
+        outcome: outcome_from_name(row.try_get(4)?).into(),
+        held_reason: row.try_get(5)?,
+        received_at: Some(timestamp(row.try_get(6)?)),
+        raw_body: row.try_get::<Vec<u8>, _>(7)?.into(),
+    })
+}
+
+/// `sqlite://path` with `mode` (rwc: create if missing; ro: read-only).
+fn sqlite_url(url: &str, mode: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}mode={mode}")
+}
+
+async fn connect(url: &str, max: u32, pragmas: &'static str) -> Result<AnyPool, StoreError> {
+    sqlx::any::install_default_drivers();
+    let options = AnyConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(3))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if !pragmas.is_empty() {
+                    conn.execute(pragmas).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(|e| StoreError::Setup(format!("connecting to {}: {e}", redact(url))))
+}
+
+const SQLITE_WRITER: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 2000;";
+const SQLITE_READER: &str = "PRAGMA busy_timeout = 2000;";
+
+impl SqlStore {
+    /// Opens the database at `url`. SQLite files are created if missing; `migrations`
+    /// says whether to apply pending migrations or require them done.
+    pub async fn open(
+        url: &str,
+        policy: ChargebackPolicy,
+        migrations: Migrations,
+    ) -> Result<Self, StoreError> {
+        let backend = Backend::of(url)?;
+        let (write, read) = match backend {
+            Backend::Sqlite => {
+                let write = connect(&sqlite_url(url, "rwc"), 1, SQLITE_WRITER).await?;
+                // The file and its WAL exist once the writer connected.
+                let read = connect(&sqlite_url(url, "ro"), 4, SQLITE_READER).await?;
+                (write, read)
+            }
+            Backend::Postgres => {
+                let pool = connect(url, 16, "").await?;
+                (pool.clone(), pool)
+            }
+        };
+        match migrations {
+            Migrations::Apply => backend
+                .migrator()
+                .run(&write)
+                .await
+                .map_err(|e| StoreError::Setup(format!("migrating {}: {e}", redact(url))))?,
+            Migrations::Require => {
+                let latest = backend
+                    .migrator()
+                    .iter()
+                    .map(|m| m.version)
+                    .max()
+                    .unwrap_or(0);
+                let applied: Option<i64> = sqlx::query_scalar(
+                    "SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE",
+                )
+                .fetch_one(&write)
+                .await
+                .unwrap_or(None);
+                if applied.unwrap_or(0) < latest {
+                    return Err(StoreError::Setup(format!(
+                        "{} is not migrated to version {latest}: run `fulfillment-svc migrate` \
+                         (or start with --migrate-on-start)",
+                        redact(url)
+                    )));
+                }
+            }
+        }
+        let last: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM ledger")
+                .fetch_one(&write)
+                .await
+                .map_err(classify)?;
+        Ok(Self {
+            write,
+            read,
+            backend,
+            policy,
+            commits: watch::Sender::new(last),
+        })
+    }
+
+    /// Applies pending migrations to `url` and returns (for the `migrate` subcommand).
+    pub async fn migrate(url: &str) -> Result<(), StoreError> {
+        Self::open(url, ChargebackPolicy::default(), Migrations::Apply)
+            .await
+            .map(drop)
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn notify(&self, entries: &[LedgerEntry]) {
+        if let Some(last) = entries.iter().map(|e| e.seq).max() {
+            self.commits.send_if_modified(|seq| {
+                let newer = last > *seq;
+                *seq = (*seq).max(last);
+                newer
+            });
+        }
+    }
+
+    /// Begins a write transaction. SQLite takes the write lock at once (`IMMEDIATE`), so a
+    /// transaction never has to upgrade a stale read snapshot.
+    async fn begin<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, StoreError> {
+        let statement = match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        conn.begin_with(statement).await.map_err(classify)
+    }
+
+    /// Serialises this transaction with every other one holding `key` (PostgreSQL; SQLite
+    /// has a single writer already).
+    async fn lock(&self, conn: &mut AnyConnection, key: &str) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(key)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `deltas` for `plan`'s payment, numbered after its last entry.
+    async fn append(
+        &self,
+        conn: &mut AnyConnection,
+        plan: &GrantPlan,
+        deltas: &[Delta],
+        cause: &Cause<'_>,
+        now: i64,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        if deltas.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(ADVISORY_LEDGER_APPEND)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?;
+        }
+        let mut entry_no: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(MAX(entry_no), 0) AS BIGINT) FROM ledger WHERE payment_id = $1",
+        )
+        .bind(&plan.payment_id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(classify)?;
+        let mut written = Vec::with_capacity(deltas.len());
+        for d in deltas {
+            entry_no += 1;
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet,
+                    raw_customer_id, item, catalog_version, event_key, actor, note, recorded_at_us)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 RETURNING {LEDGER_COLUMNS}"
+            )))
+            .bind(&plan.payment_id)
+            .bind(entry_no)
+            .bind(d.kind.as_str())
+            .bind(&d.sku)
+            .bind(d.quantity)
+            .bind(&plan.wallet)
+            .bind(&plan.raw_customer_id)
+            .bind(&plan.item)
+            .bind(&plan.catalog_version)
+            .bind(cause.event_key)
+            .bind(cause.actor)
+            .bind(cause.note)
+            .bind(now)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(classify)?;
+            written.push(ledger_entry(&row).map_err(classify)?);
+        }
+        Ok(written)
+    }
+
+    async fn record_once(
+        &self,
+        event: &WebhookEvent,
+        decision: &Decision,
+    ) -> Result<Ack, StoreError> {
+        let mut conn = self.write.acquire().await.map_err(classify)?;
+        let mut tx = self.begin(&mut conn).await?;
+        if let Some(payment_id) = &event.payment_id {
+            self.lock(&mut tx, payment_id).await?;
+        }
+        let existing = sqlx::query("SELECT outcome, held_reason FROM events WHERE event_key = $1")
+            .bind(&event.event_key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if let Some(row) = existing {
+            return Ok(Ack {
+                outcome: outcome_from_name(row.try_get(0).map_err(classify)?),
+                held_reason: row.try_get(1).map_err(classify)?,
+                duplicate: true,
+                entries: Vec::new(),
+                item: None,
+            });
+        }
+
+        let now = micros(SystemTime::now());
+        let mut plan_to_insert = None;
+        let mut effect = None;
+        let (outcome, held_reason) = match &event.payment_id {
+            None => match decision {
+                Decision::Hold(reason) => (Outcome::Held, Some(reason.as_str())),
+                _ => (Outcome::Recorded, None),
+            },
+            Some(payment_id) => {
+                let mut facts = load_facts(&mut tx, payment_id).await?;
+                facts.add(&event.event_type, event.refund_status.as_deref());
+                let rejected = review_of(&mut tx, payment_id).await?.as_deref() == Some("rejected");
+                let mut plan = load_plan(&mut tx, payment_id).await?;
+                if plan.is_none()
+                    && !rejected
+                    && let Decision::Grant(new) = decision
+                {
+                    plan = Some(new.clone());
+                    plan_to_insert = Some(new);
+                }
+                let entitled = facts.entitled(self.policy);
+                let target: &[Grant] = match &plan {
+                    Some(p) if entitled => &p.grants,
+                    _ => &[],
+                };
+                let current = load_held(&mut tx, payment_id).await?;
+                let deltas = deltas(target, &current);
+                let result = outcome_of(event, decision, plan.is_some(), entitled, &deltas);
+                effect = plan.map(|p| (p, deltas));
+                result
+            }
+        };
+
+        let received = event
+            .received_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map_or(now, micros);
+        sqlx::query(
+            "INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet,
+                raw_customer_id, refund_status, outcome, held_reason, received_at_us,
+                recorded_at_us, raw_body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&event.event_key)
+        .bind(&event.event_type)
+        .bind(&event.category)
+        .bind(&event.created_raw)
+        .bind(&event.payment_id)
+        .bind(&event.wallet)
+        .bind(&event.raw_customer_id)
+        .bind(&event.refund_status)
+        .bind(outcome_name(outcome))
+        .bind(held_reason)
+        .bind(received)
+        .bind(now)
+        .bind(event.raw_body.to_vec())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if let Some(plan) = plan_to_insert {
+            insert_plan(&mut tx, plan, "catalog", now).await?;
+        }
+        let mut written = Vec::new();
+        if let Some((plan, deltas)) = &effect {
+            let cause = Cause {
+                event_key: Some(&event.event_key),
+                actor: "coinflow",
+                note: None,
+            };
+            written = self.append(&mut tx, plan, deltas, &cause, now).await?;
+        }
+        tx.commit().await.map_err(classify)?;
+        self.notify(&written);
+        Ok(Ack {
+            outcome,
+            held_reason: held_reason.map(str::to_owned),
+            duplicate: false,
+            entries: written,
+            item: effect.map(|(plan, _)| plan.item),
+        })
+    }
+
+    async fn resolve_once(
+        &self,
+        payment_id: &str,
+        resolution: &Resolution,
+        operator: &str,
+        note: &str,
+    ) -> Result<Resolved, StoreError> {
+        let decision = match resolution {
+            Resolution::Approve(_) => "approved",
+            Resolution::Reject { .. } => "rejected",
+        };
+        let mut conn = self.write.acquire().await.map_err(classify)?;
+        let mut tx = self.begin(&mut conn).await?;
+        self.lock(&mut tx, payment_id).await?;
+        if let Some(done) = review_of(&mut tx, payment_id).await? {
+            return if done == decision {
+                Ok(Resolved {
+                    review: done,
+                    entries: Vec::new(),
+                    duplicate: true,
+                })
+            } else {
+                Err(StoreError::Precondition(format!(
+                    "payment {payment_id:?} was already {done}; a review cannot be changed"
+                )))
+            };
+        }
+        let (events, held): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COUNT(*) AS BIGINT),
+                    CAST(COALESCE(SUM(CASE WHEN outcome = 'held' THEN 1 ELSE 0 END), 0) AS BIGINT)
+             FROM events WHERE payment_id = $1",
+        )
+        .bind(payment_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if events == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no events recorded for payment {payment_id:?}"
+            )));
+        }
+        if held == 0 || load_plan(&mut tx, payment_id).await?.is_some() {
+            return Err(StoreError::Precondition(format!(
+                "payment {payment_id:?} is not held for review"
+            )));
+        }
+        let now = micros(SystemTime::now());
+        let item = match resolution {
+            Resolution::Approve(plan) => Some(plan.item.as_str()),
+            Resolution::Reject { .. } => None,
+        };
+        sqlx::query(
+            "INSERT INTO reviews (payment_id, decision, operator, note, item, recorded_at_us)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(payment_id)
+        .bind(decision)
+        .bind(operator)
+        .bind(note)
+        .bind(item)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let actor = format!("operator:{operator}");
+        let cause = Cause {
+            event_key: None,
+            actor: &actor,
+            note: Some(note),
+        };
+        let entries = match resolution {
+            Resolution::Approve(plan) => {
+                insert_plan(&mut tx, plan, "review", now).await?;
+                let facts = load_facts(&mut tx, payment_id).await?;
+                let target: &[Grant] = if facts.entitled(self.policy) {
+                    &plan.grants
+                } else {
+                    &[]
+                };
+                let current = load_held(&mut tx, payment_id).await?;
+                self.append(&mut tx, plan, &deltas(target, &current), &cause, now)
+                    .await?
+            }
+            Resolution::Reject {
+                wallet,
+                raw_customer_id,
+            } => {
+                let audit = GrantPlan {
+                    payment_id: payment_id.to_owned(),
+                    wallet: wallet.clone(),
+                    raw_customer_id: raw_customer_id.clone(),
+                    item: String::new(),
+                    catalog_version: String::new(),
+                    grants: Vec::new(),
+                };
+                let reject = Delta {
+                    kind: Kind::Reject,
+                    sku: String::new(),
+                    quantity: 0,
+                };
+                self.append(&mut tx, &audit, &[reject], &cause, now).await?
+            }
+        };
+        tx.commit().await.map_err(classify)?;
+        self.notify(&entries);
+        Ok(Resolved {
+            review: decision.to_owned(),
+            entries,
+            duplicate: false,
+        })
+    }
+
+    async fn consume_once(&self, spend: &Spend) -> Result<Spent, StoreError> {
+        let (column, key) = payer_column(&spend.payer);
+        let balance_sql = format!(
+            "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM ledger WHERE {column} = $1 AND sku = $2"
+        );
+        let mut conn = self.write.acquire().await.map_err(classify)?;
+        let mut tx = self.begin(&mut conn).await?;
+        self.lock(&mut tx, &format!("payer:{column}:{key}")).await?;
+        let existing = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE idempotency_key = $1"
+        )))
+        .bind(&spend.idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let balance: i64 = sqlx::query_scalar(AssertSqlSafe(balance_sql))
+            .bind(key)
+            .bind(&spend.sku)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if let Some(row) = existing {
+            let entry = ledger_entry(&row).map_err(classify)?;
+            let same_payer = match &spend.payer {
+                Payer::Wallet(w) => &entry.wallet == w,
+                Payer::RawCustomerId(c) => entry.raw_customer_id.as_ref() == Some(c),
+            };
+            if !same_payer || entry.sku != spend.sku || entry.quantity != -spend.quantity {
+                return Err(StoreError::Precondition(format!(
+                    "idempotency_key {:?} was used for a different spend",
+                    spend.idempotency_key
+                )));
+            }
+            return Ok(Spent {
+                entry,
+                balance,
+                duplicate: true,
+            });
+        }
+        if balance < spend.quantity {
+            return Err(StoreError::Precondition(format!(
+                "insufficient balance: {key:?} holds {balance} {:?}, asked to consume {}",
+                spend.sku, spend.quantity
+            )));
+        }
+        let (wallet, customer) = match &spend.payer {
+            Payer::Wallet(w) => (w.as_str(), None),
+            Payer::RawCustomerId(c) => ("", Some(c.as_str())),
+        };
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(ADVISORY_LEDGER_APPEND)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO ledger (kind, sku, quantity, wallet, raw_customer_id, actor,
+                idempotency_key, recorded_at_us)
+             VALUES ('consume', $1, $2, $3, $4, 'api', $5, $6) RETURNING {LEDGER_COLUMNS}"
+        )))
+        .bind(&spend.sku)
+        .bind(-spend.quantity)
+        .bind(wallet)
+        .bind(customer)
+        .bind(&spend.idempotency_key)
+        .bind(micros(SystemTime::now()))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let entry = ledger_entry(&row).map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        self.notify(std::slice::from_ref(&entry));
+        Ok(Spent {
+            entry,
+            balance: balance - spend.quantity,
+            duplicate: false,
+        })
+    }
+}
+
+/// Runs a write attempt again while it loses races (unique violations, serialization
+/// failures), up to `MAX_ATTEMPTS`.
+macro_rules! retrying {
+    ($attempt:expr) => {{
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match $attempt.await {
+                Err(StoreError::Conflict(e)) => after_conflict(tries, e).await?,
+                other => break other,
+            }
+        }
+    }};
+}
+
+async fn after_conflict(tries: u32, e: sqlx::Error) -> Result<(), StoreError> {
+    if tries >= MAX_ATTEMPTS {
+        return Err(StoreError::Unavailable(e));
+    }
+    tracing::debug!(error = %e, tries, "write lost a race; retrying");
+    tokio::time::sleep(Duration::from_millis(u64::from(tries) * 2)).await;
+    Ok(())
+}
+
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(e),
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: serialization failure, deadlock; connection exceptions (08…),
+            // insufficient resources (53…), operator intervention (57…).
+            let pg_conflict = matches!(code.as_ref(), "40001" | "40P01");
+            let pg_unavailable =
+                code.starts_with("08") || code.starts_with("53") || code.starts_with("57");
+            // SQLite: BUSY (5), LOCKED (6), IOERR (10), FULL (13), CANTOPEN (14), with
+            // their extended codes.
+            let sqlite_unavailable = matches!(
+                code.parse::<i32>().ok().map(|c| c & 0xff),
+                Some(5 | 6 | 10 | 13 | 14)
+            );
+            if pg_conflict {
+                StoreError::Conflict(e)
+            } else if pg_unavailable || sqlite_unavailable {
+                StoreError::Unavailable(e)
+            } else {
+                StoreError::Internal(e)
+            }
+        }
+        _ => StoreError::Internal(e),
+    }
+}
+
+async fn load_plan(
+    conn: &mut AnyConnection,
+    payment_id: &str,
+) -> Result<Option<GrantPlan>, StoreError> {
+    let row = sqlx::query(
+        "SELECT item, catalog_version, grants, wallet, raw_customer_id FROM plans WHERE payment_id = $1",
+    )
+    .bind(payment_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(classify)?;
+    let Some(row) = row else { return Ok(None) };
+    let grants: String = row.try_get(2).map_err(classify)?;
+    let grants: Vec<Grant> = serde_json::from_str(&grants)
+        .map_err(|e| StoreError::Setup(format!("corrupt plan for {payment_id}: {e}")))?;
+    Ok(Some(GrantPlan {
+        payment_id: payment_id.to_owned(),
+        item: row.try_get(0).map_err(classify)?,
+        catalog_version: row.try_get(1).map_err(classify)?,
+        grants,
+        wallet: row.try_get(3).map_err(classify)?,
+        raw_customer_id: row.try_get(4).map_err(classify)?,
+    }))
+}
+
+async fn insert_plan(
+    conn: &mut AnyConnection,
+    plan: &GrantPlan,
+    source: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let grants = serde_json::to_string(&plan.grants)
+        .map_err(|e| StoreError::Setup(format!("encoding plan: {e}")))?;
+    sqlx::query(
+        "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet,
+            raw_customer_id, recorded_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&plan.payment_id)
+    .bind(source)
+    .bind(&plan.item)
+    .bind(&plan.catalog_version)
+    .bind(grants)
+    .bind(&plan.wallet)
+    .bind(&plan.raw_customer_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+async fn event_types(
+    conn: &mut AnyConnection,
+    payment_id: &str,
+) -> Result<Vec<(String, Option<String>)>, StoreError> {
+    sqlx::query_as("SELECT event_type, refund_status FROM events WHERE payment_id = $1")
+        .bind(payment_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(classify)
+}
+
+async fn load_facts(conn: &mut AnyConnection, payment_id: &str) -> Result<Facts, StoreError> {
+    let rows = event_types(conn, payment_id).await?;
+    Ok(Facts::of(
+        rows.iter().map(|(t, s)| (t.as_str(), s.as_deref())),
+    ))
+}
+
+async fn load_held(
+    conn: &mut AnyConnection,
+    payment_id: &str,
+) -> Result<BTreeMap<String, Held>, StoreError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sku, CAST(SUM(quantity) AS BIGINT) FROM ledger
+         WHERE payment_id = $1 AND kind IN ('grant', 'revoke', 'restore') GROUP BY sku",
+    )
+    .bind(payment_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(classify)?;
+    Ok(rows
+        .into_iter()
+        .map(|(sku, net)| (sku, Held { net, touched: true }))
+        .collect())
+}
+
+async fn review_of(
+    conn: &mut AnyConnection,
+    payment_id: &str,
+) -> Result<Option<String>, StoreError> {
+    sqlx::query_scalar("SELECT decision FROM reviews WHERE payment_id = $1")
+        .bind(payment_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(classify)
+}
+
+/// Who wrote an entry, and why.
+struct Cause<'a> {
+    event_key: Option<&'a str>,
+    actor: &'a str,
+    note: Option<&'a str>,
+}
+
+/// The outcome an event gets from what reconciling did.
+fn outcome_of(
+    event: &WebhookEvent,
+    decision: &Decision,
+    planned: bool,
+    entitled: bool,
+    deltas: &[Delta],
+) -> (Outcome, Option<&'static str>) {
+    if let Some(d) = deltas.first() {
+        return match d.kind {
+            Kind::Grant => (Outcome::Granted, None),
+            Kind::Restore => (Outcome::Restored, None),
+            _ => (Outcome::Revoked, None),
+        };
+    }
+    if event.event_type != SETTLED {
+        return (Outcome::Recorded, None);
+    }
+    match decision {
+        Decision::Hold(reason) if !planned => (Outcome::Held, Some(reason.as_str())),
+        _ if planned && entitled => (Outcome::AlreadyGranted, None),
+        _ => (Outcome::Recorded, None),
+    }
+}
+
+fn payer_column(payer: &Payer) -> (&'static str, &str) {
+    match payer {
+        Payer::Wallet(w) => ("wallet", w),
+        Payer::RawCustomerId(c) => ("raw_customer_id", c),
+    }
+}
+
+/// A query with `$n` placeholders built one filter at a time.
+struct Filters {
+    sql: String,
+    binds: Vec<Bind>,
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl Filters {
+    fn new(sql: String) -> Self {
+        Self {
+            sql,
+            binds: Vec::new(),
+        }
+    }
+
+    fn and(&mut self, clause: &str, value: Bind) {
+        self.binds.push(value);
+        self.sql
+            .push_str(&format!(" AND {clause} ${}", self.binds.len()));
+    }
+
+    async fn fetch(self, tail: &str, pool: &AnyPool) -> Result<Vec<LedgerEntry>, StoreError> {
+        let sql = format!("{}{tail}", self.sql);
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for b in self.binds {
+            query = match b {
+                Bind::Text(s) => query.bind(s),
+                Bind::Int(i) => query.bind(i),
+            };
+        }
+        let rows = query.fetch_all(pool).await.map_err(classify)?;
+        rows.iter()
+            .map(ledger_entry)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.backend.name(), db.operation.name = "record"))]
+    async fn record(&self, event: &WebhookEvent, decision: &Decision) -> Result<Ack, StoreError> {
+        retrying!(self.record_once(event, decision))
+    }
+
+    async fn entitlements(&self, payer: &Payer) -> Result<Vec<(String, i64)>, StoreError> {
+        let (column, key) = payer_column(payer);
+        let sql = format!(
+            "SELECT sku, CAST(SUM(quantity) AS BIGINT) FROM ledger WHERE {column} = $1
+             GROUP BY sku HAVING SUM(quantity) <> 0 ORDER BY sku"
+        );
+        sqlx::query_as(AssertSqlSafe(sql))
+            .bind(key)
+            .fetch_all(&self.read)
+            .await
+            .map_err(classify)
+    }
+
+    async fn payment(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError> {
+        let mut conn = self.read.acquire().await.map_err(classify)?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE payment_id = $1 ORDER BY seq"
+        )))
+        .bind(payment_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(classify)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let events = rows
+            .iter()
+            .map(|row| Ok((recorded_event(row)?, row.try_get(8)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(classify)?;
+        let ledger = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE payment_id = $1 ORDER BY seq"
+        )))
+        .bind(payment_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(ledger_entry)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(classify)?;
+        let review = review_of(&mut conn, payment_id).await?;
+        let planned = load_plan(&mut conn, payment_id).await?.is_some();
+        Ok(Some(PaymentRecord {
+            events,
+            ledger,
+            review,
+            planned,
+        }))
+    }
+
+    async fn list_ledger(
+        &self,
+        filter: &LedgerFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let mut q = Filters::new(format!("SELECT {LEDGER_COLUMNS} FROM ledger WHERE 1 = 1"));
+        if let Some(payer) = &filter.payer {
+            let (column, key) = payer_column(payer);
+            q.and(&format!("{column} ="), Bind::Text(key.to_owned()));
+        }
+        if let Some(p) = &filter.payment_id {
+            q.and("payment_id =", Bind::Text(p.clone()));
+        }
+        if let Some(s) = &filter.sku {
+            q.and("sku =", Bind::Text(s.clone()));
+        }
+        if let Some(t) = filter.since_us {
+            q.and("recorded_at_us >=", Bind::Int(t));
+        }
+        if let Some(t) = filter.until_us {
+            q.and("recorded_at_us <", Bind::Int(t));
+        }
+        if let Some(b) = before {
+            q.and("seq <", Bind::Int(b));
+        }
+        q.fetch(&format!(" ORDER BY seq DESC LIMIT {limit}"), &self.read)
+            .await
+    }
+
+    async fn entries_after(
+        &self,
+        payer: Option<&Payer>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let mut q = Filters::new(format!("SELECT {LEDGER_COLUMNS} FROM ledger WHERE 1 = 1"));
+        q.and("seq >", Bind::Int(after));
+        if let Some(payer) = payer {
+            let (column, key) = payer_column(payer);
+            q.and(&format!("{column} ="), Bind::Text(key.to_owned()));
+        }
+        q.fetch(&format!(" ORDER BY seq LIMIT {limit}"), &self.read)
+            .await
+    }
+
+    fn commits(&self) -> watch::Receiver<i64> {
+        self.commits.subscribe()
+    }
+
+    async fn list_held(&self, after_seq: i64, limit: u32) -> Result<Vec<HeldPayment>, StoreError> {
+        let mut conn = self.read.acquire().await.map_err(classify)?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events e WHERE {HELD} AND e.seq > $1
+             ORDER BY e.seq LIMIT {limit}"
+        )))
+        .bind(after_seq)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(classify)?;
+        let mut held = Vec::with_capacity(rows.len());
+        for row in rows {
+            let payment_id: String = row.try_get(10).map_err(classify)?;
+            held.push(HeldPayment {
+                seq: row.try_get(9).map_err(classify)?,
+                event: recorded_event(&row).map_err(classify)?,
+                wallet: row.try_get(11).map_err(classify)?,
+                raw_customer_id: row.try_get(12).map_err(classify)?,
+                event_types: event_types(&mut conn, &payment_id).await?,
+                payment_id,
+            });
+        }
+        Ok(held)
+    }
+
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.backend.name(), db.operation.name = "resolve"))]
+    async fn resolve(
+        &self,
+        payment_id: &str,
+        resolution: &Resolution,
+        operator: &str,
+        note: &str,
+    ) -> Result<Resolved, StoreError> {
+        retrying!(self.resolve_once(payment_id, resolution, operator, note))
+    }
+
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.backend.name(), db.operation.name = "consume"))]
+    async fn consume(&self, spend: &Spend) -> Result<Spent, StoreError> {
+        retrying!(self.consume_once(spend))
+    }
+
+    async fn held_summary(&self) -> Result<(u64, Option<i64>), StoreError> {
+        let (count, oldest): (i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT), MIN(e.received_at_us) FROM events e WHERE {HELD}"
+        )))
+        .fetch_one(&self.read)
+        .await
+        .map_err(classify)?;
+        Ok((u64::try_from(count).unwrap_or(0), oldest))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.write)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}
