@@ -1,4 +1,4 @@
-//! The edge's readiness: not shutting down, and fulfillment's ingest reports SERVING.
+//! The edge's readiness: not shutting down, and the primary route's ingest reports SERVING.
 //! `/healthz`, `/readyz` and `/metrics` are served by `coinflow_shared::admin`.
 
 use std::sync::Arc;
@@ -7,21 +7,27 @@ use std::time::Duration;
 use coinflow_shared::admin::Readiness;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::client::IngestTarget;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const INGEST_SERVICE: &str = "coinflow.fulfillment.v1.Ingest";
 
-/// Ready when not shutting down and ingest answers SERVING within a second.
-pub fn readiness(ingest: Channel, shutdown: CancellationToken) -> Readiness {
+/// Ready when not shutting down and the primary route's ingest answers SERVING within a
+/// second.
+pub fn readiness(primary: Option<IngestTarget>, shutdown: CancellationToken) -> Readiness {
     Arc::new(move || {
-        let (ingest, shutdown) = (ingest.clone(), shutdown.clone());
+        let (primary, shutdown) = (primary.clone(), shutdown.clone());
         Box::pin(async move {
             if shutdown.is_cancelled() {
                 return Err("shutting down".to_owned());
             }
-            ingest_serving(ingest).await
+            let channel = primary
+                .and_then(|t| t.channel())
+                .ok_or_else(|| "no ingest endpoint resolved".to_owned())?;
+            ingest_serving(channel).await
         })
     })
 }

@@ -20,13 +20,20 @@ pub struct Config {
     /// The webhook path configured in Coinflow's dashboard.
     #[arg(long, env = "EDGE_PATH", default_value = "/webhooks/coinflow")]
     pub path: String,
-    /// The ingest gRPC endpoint (fulfillment-svc).
+    /// The fulfillment route's endpoints: comma-separated `http://host:port` URLs, or
+    /// `dns://host:port` re-resolved periodically (a Kubernetes headless Service).
     #[arg(
         long,
         env = "EDGE_FULFILLMENT_URL",
         default_value = "http://127.0.0.1:50051"
     )]
     pub fulfillment_url: String,
+    /// A TOML file of routes (fan-out); replaces the single fulfillment route.
+    #[arg(long, env = "EDGE_ROUTES_FILE")]
+    pub routes_file: Option<std::path::PathBuf>,
+    /// How often `dns://` endpoints are re-resolved, in seconds.
+    #[arg(long, env = "EDGE_RESOLVE_INTERVAL_SECS", default_value_t = 5)]
+    pub resolve_interval_secs: u64,
     /// The bearer token fulfillment's ingest expects (FULFILLMENT_INGEST_TOKENS).
     #[arg(long, env = "EDGE_INGEST_TOKEN", hide_env_values = true)]
     pub ingest_token: Option<secrecy::SecretString>,
@@ -116,6 +123,8 @@ impl Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             path: "/webhooks/coinflow".into(),
             fulfillment_url,
+            routes_file: None,
+            resolve_interval_secs: 5,
             ingest_token: None,
             keys,
             auth_mode: AuthMode::default(),

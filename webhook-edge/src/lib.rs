@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod observe;
 pub mod response;
+pub mod routes;
 pub mod server;
 pub mod stack;
 pub mod webhook;

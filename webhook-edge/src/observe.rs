@@ -28,6 +28,8 @@ pub struct Metrics {
     pub rpc_duration: Histogram<f64>,
     /// `coinflow.webhook.auth.failures`: refused deliveries by reason.
     pub auth_failures: Counter<u64>,
+    /// `coinflow.webhook.route.drops`: best-effort deliveries given up, by route.
+    pub route_drops: Counter<u64>,
 }
 
 impl Metrics {
@@ -50,6 +52,10 @@ impl Metrics {
             auth_failures: meter
                 .u64_counter("coinflow.webhook.auth.failures")
                 .with_description("Deliveries refused with 401, by reason")
+                .build(),
+            route_drops: meter
+                .u64_counter("coinflow.webhook.route.drops")
+                .with_description("Best-effort route deliveries given up, by route and reason")
                 .build(),
         }
     }

@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::readiness;
 use crate::auth::Authenticator;
-use crate::client::{DeliverError, IngestTarget};
 use crate::config::{Config, ConfigError};
 use crate::observe::{Metrics, ObserveLayer};
+use crate::routes::{self, RouteConfig, Router, RoutesError};
 use crate::stack::{Limits, webhook_service};
 use crate::webhook::Webhook;
 use coinflow_shared::http_server::serve;
@@ -23,9 +23,9 @@ pub enum StartError {
     /// Invalid config.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The ingest URL is invalid.
+    /// A route is invalid.
     #[error(transparent)]
-    Ingest(#[from] DeliverError),
+    Routes(#[from] RoutesError),
     /// A listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -55,10 +55,21 @@ impl Edge {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
-        let ingest = IngestTarget::new(
-            &config.fulfillment_url,
+        let routes = match &config.routes_file {
+            Some(path) => routes::load(path)?,
+            None => vec![RouteConfig {
+                name: "fulfillment".into(),
+                endpoints: config.fulfillment_url.clone(),
+                required: true,
+                categories: Vec::new(),
+                event_types: Vec::new(),
+            }],
+        };
+        let router = Router::new(
+            &routes,
             Config::ms(config.deliver_deadline_ms),
             config.ingest_token.as_ref(),
+            Duration::from_secs(config.resolve_interval_secs.max(1)),
             Arc::clone(&metrics),
         )?;
         let webhook = Arc::new(Webhook {
@@ -69,7 +80,7 @@ impl Edge {
                 config.auth_mode,
                 config.signature_tolerance_secs,
             ),
-            ingest,
+            router,
             retry_after_secs: config.retry_after_secs,
             metrics,
         });
@@ -119,7 +130,7 @@ impl Edge {
         let admin = serve(
             self.admin_listener,
             coinflow_shared::admin::service(readiness(
-                self.webhook.ingest.channel(),
+                self.webhook.router.primary().cloned(),
                 shutdown.clone(),
             )),
             header_timeout,

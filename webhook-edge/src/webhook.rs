@@ -17,9 +17,10 @@ use coinflow_shared::envelope::Envelope;
 use coinflow_shared::proto::v1::Outcome;
 
 use crate::auth::Authenticator;
-use crate::client::{DeliverError, IngestTarget};
+use crate::client::DeliverError;
 use crate::observe::Metrics;
 use crate::response::{Body, EdgeError, success};
+use crate::routes::Router;
 
 /// What the route needs, shared by every request.
 pub struct Webhook {
@@ -30,7 +31,7 @@ pub struct Webhook {
     /// The authenticator.
     pub auth: Authenticator,
     /// Where events go.
-    pub ingest: IngestTarget,
+    pub router: Router,
     /// `Retry-After` on 503.
     pub retry_after_secs: u64,
     /// The edge's instruments.
@@ -104,8 +105,17 @@ impl Webhook {
             span.record("coinflow.payment_id", payment_id.as_str());
         }
         let (event_type, payment_id) = (event.event_type.clone(), event.payment_id.clone());
-        match self.ingest.deliver(event).await {
-            Ok(ack) => {
+        match self.router.deliver(&event).await {
+            Ok(None) => {
+                tracing::info!(
+                    event_type = %event_type,
+                    payment_id = payment_id.as_deref().unwrap_or(""),
+                    latency_ms = started.elapsed().as_millis() as u64,
+                    "webhook acked: no required route takes this event"
+                );
+                Ok(())
+            }
+            Ok(Some(ack)) => {
                 let outcome = Outcome::try_from(ack.outcome)
                     .unwrap_or_default()
                     .as_str_name();
