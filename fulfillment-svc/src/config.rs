@@ -27,7 +27,8 @@ pub struct Config {
     #[arg(
         long,
         env = "FULFILLMENT_DATABASE_URL",
-        default_value = "sqlite://fulfillment.db"
+        default_value = "sqlite://fulfillment.db",
+        global = true
     )]
     pub database_url: String,
     /// Apply pending PostgreSQL migrations at start (single replica). With several

@@ -137,7 +137,12 @@ impl Proc {
 
     /// webhook-edge in front of the ingest at `fulfillment`, trusting `keys`, on free ports.
     pub async fn edge(fulfillment: SocketAddr, keys: &str, env: &[(&str, &str)]) -> Self {
-        let url = format!("http://{fulfillment}");
+        Self::edge_to(&format!("http://{fulfillment}"), keys, env).await
+    }
+
+    /// webhook-edge in front of the ingest `endpoints` (`--fulfillment-url` syntax).
+    pub async fn edge_to(endpoints: &str, keys: &str, env: &[(&str, &str)]) -> Self {
+        let url = endpoints;
         let mut all_env = vec![
             ("COINFLOW_WEBHOOK_KEYS", keys),
             ("EDGE_INGEST_TOKEN", crate::INGEST_TOKEN),
@@ -151,7 +156,7 @@ impl Proc {
                 "--admin-listen",
                 "127.0.0.1:0",
                 "--fulfillment-url",
-                &url,
+                url,
             ],
             &all_env,
             "addr",

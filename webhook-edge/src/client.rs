@@ -231,10 +231,17 @@ impl IngestTarget {
                 server.address = %member.key,
                 coinflow.route = %self.name,
             );
+            // With another endpoint to fall back on, one attempt may use half the budget:
+            // an endpoint that hangs (a dead peer not yet noticed) must not eat it all.
+            let attempt_deadline = if self.live_members() > 1 {
+                Instant::now() + remaining.min(self.deadline / 2)
+            } else {
+                deadline
+            };
             let mut request = tonic::Request::new(DeliverRequest {
                 event: Some(event.clone()),
             });
-            request.set_timeout(remaining);
+            request.set_timeout(attempt_deadline.saturating_duration_since(Instant::now()));
             if let Some(bearer) = &self.bearer {
                 request
                     .metadata_mut()
@@ -243,7 +250,7 @@ impl IngestTarget {
             coinflow_shared::telemetry::inject(&span, request.metadata_mut());
             let mut client = member.client.clone();
             let started = std::time::Instant::now();
-            let outcome = timeout_at(deadline, client.deliver(request))
+            let outcome = timeout_at(attempt_deadline, client.deliver(request))
                 .instrument(span.clone())
                 .await;
             let code = match &outcome {
@@ -266,6 +273,10 @@ impl IngestTarget {
                 ],
             );
             match outcome {
+                Err(_) if attempt_deadline < deadline => {
+                    tracing::debug!(endpoint = %member.key, "ingest attempt timed out; trying another endpoint");
+                    member.set_down(Some(Instant::now() + COOLDOWN));
+                }
                 Err(_) => return Err(DeliverError::Deadline(self.deadline)),
                 Ok(Ok(response)) => {
                     member.set_down(None);
@@ -276,7 +287,7 @@ impl IngestTarget {
                     if matches!(status.code(), Code::Unavailable | Code::Unknown) {
                         // The endpoint itself is likely gone: try the others first.
                         member.set_down(Some(Instant::now() + COOLDOWN));
-                        if self.has_live_member() {
+                        if self.live_members() > 0 {
                             continue;
                         }
                     }
@@ -288,13 +299,14 @@ impl IngestTarget {
         }
     }
 
-    fn has_live_member(&self) -> bool {
+    fn live_members(&self) -> usize {
         let now = Instant::now();
         self.members
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|m| m.down_until().is_none_or(|t| t <= now))
+            .filter(|m| m.down_until().is_none_or(|t| t <= now))
+            .count()
     }
 }
 

@@ -13,6 +13,8 @@ mod grpc_surface;
 mod lifecycle;
 mod observability;
 mod review;
+mod routes;
+mod scale;
 mod slow_clients;
 mod statuses;
 mod store;
