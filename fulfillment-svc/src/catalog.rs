@@ -301,7 +301,7 @@ mod tests {
     fn parses_the_example_in_the_repo() {
         let c = Catalog::load(Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/catalog.example.toml"
+            "/../deploy/base/catalog.example.toml"
         )))
         .unwrap();
         assert_eq!(c.item_key, "item");

@@ -36,7 +36,7 @@ pub fn fixtures_dir() -> PathBuf {
 
 /// The repo's example catalog.
 pub fn catalog_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/catalog.example.toml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/catalog.example.toml")
 }
 
 /// `keys` as the edge's config type.
