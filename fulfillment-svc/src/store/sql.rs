@@ -305,6 +305,19 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Holds ledger appends until this transaction commits, so `seq` order is commit
+    /// order (PostgreSQL; SQLite's single writer gives that already).
+    async fn lock_appends(&self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(ADVISORY_LEDGER_APPEND)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
     /// Appends `deltas` for `plan`'s payment, numbered after its last entry.
     async fn append(
         &self,
@@ -317,13 +330,7 @@ impl SqlStore {
         if deltas.is_empty() {
             return Ok(Vec::new());
         }
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(ADVISORY_LEDGER_APPEND)
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?;
-        }
+        self.lock_appends(&mut *conn).await?;
         let mut entry_no: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(MAX(entry_no), 0) AS BIGINT) FROM ledger WHERE payment_id = $1",
         )
@@ -629,13 +636,7 @@ impl SqlStore {
             Payer::Wallet(w) => (w.as_str(), None),
             Payer::RawCustomerId(c) => ("", Some(c.as_str())),
         };
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(ADVISORY_LEDGER_APPEND)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        }
+        self.lock_appends(&mut tx).await?;
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO ledger (kind, sku, quantity, wallet, raw_customer_id, actor,
                 idempotency_key, recorded_at_us)
