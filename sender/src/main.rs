@@ -1,0 +1,140 @@
+//! `coinflow-sender`: deliver webhook bodies the way Coinflow does.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use coinflow_sender::deliver::{Sender, Target};
+use coinflow_sender::generate::{Traffic, generate};
+use coinflow_sender::schedule::ATTEMPTS;
+use secrecy::SecretString;
+
+/// Deliver Coinflow v2 webhooks: signed, retried on Coinflow's schedule, measured.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+    #[command(flatten)]
+    delivery: Delivery,
+}
+
+#[derive(Args)]
+struct Delivery {
+    /// The webhook URL.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8080/webhooks/coinflow")]
+    url: String,
+    /// The Validation Key.
+    #[arg(long, global = true, env = "COINFLOW_WEBHOOK_KEY", hide_env_values = true, default_value = "cf_whk_test_0123456789abcdef")]
+    key: SecretString,
+    /// Also send `Authorization: <key>`.
+    #[arg(long, global = true)]
+    authorization: bool,
+    /// Divide every retry wait by this (1: Coinflow's real ~17 h schedule).
+    #[arg(long, global = true, default_value_t = 1.0)]
+    compress: f64,
+    /// Attempts per delivery.
+    #[arg(long, global = true, default_value_t = ATTEMPTS)]
+    attempts: usize,
+    /// Closed loop: this many deliveries in flight.
+    #[arg(long, global = true, default_value_t = 32, conflicts_with = "rate")]
+    concurrency: usize,
+    /// Open loop: start this many deliveries per second.
+    #[arg(long, global = true)]
+    rate: Option<f64>,
+    /// Append one JSON line per delivery here.
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Deliver the JSON bodies in these files and folders (exact bytes).
+    Replay {
+        /// Files or folders of `.json` bodies.
+        paths: Vec<PathBuf>,
+    },
+    /// Generate realistic traffic.
+    Generate {
+        /// Distinct payments.
+        #[arg(long, default_value_t = 1000)]
+        payments: usize,
+        /// Chance that a delivery is duplicated later.
+        #[arg(long, default_value_t = 0.1)]
+        duplicates: f64,
+        /// Chance that a payment's events arrive out of order.
+        #[arg(long, default_value_t = 0.1)]
+        reorder: f64,
+        /// Payment id prefix.
+        #[arg(long, default_value = "gen")]
+        prefix: String,
+        /// RNG seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn bodies_in(paths: &[PathBuf]) -> anyhow::Result<Vec<Bytes>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect();
+            entries.sort();
+            files.extend(entries);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files
+        .iter()
+        .map(|f| std::fs::read(f).map(Bytes::from).with_context(|| format!("reading {}", f.display())))
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bodies = match &cli.mode {
+        Mode::Replay { paths } => bodies_in(paths)?,
+        Mode::Generate { payments, duplicates, reorder, prefix, seed } => generate(&Traffic {
+            payments: *payments,
+            duplicate_ratio: *duplicates,
+            reorder_ratio: *reorder,
+            prefix: prefix.clone(),
+            seed: *seed,
+        }),
+    };
+    let d = &cli.delivery;
+    let log = d
+        .log
+        .as_ref()
+        .map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display())))
+        .transpose()?;
+    let sender = Sender::new(
+        Target {
+            url: d.url.clone(),
+            key: d.key.clone(),
+            authorization: d.authorization,
+            compress: d.compress,
+            attempts: d.attempts,
+        },
+        log,
+    );
+    eprintln!("delivering {} bodies to {}", bodies.len(), d.url);
+    match d.rate {
+        Some(rate) => sender.open_loop(bodies, rate).await,
+        None => sender.closed_loop(bodies, d.concurrency).await,
+    };
+    let report = sender.report();
+    println!("{report}");
+    println!("{}", serde_json::to_string(&report)?);
+    if report.gave_up > 0 {
+        anyhow::bail!("{} deliveries were never acked", report.gave_up);
+    }
+    Ok(())
+}
