@@ -65,7 +65,8 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Self {
-            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds")),
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .unwrap_or_else(|_| unreachable!("valid bounds")),
             statuses: BTreeMap::new(),
             acked: 0,
             gave_up: 0,
@@ -98,9 +99,21 @@ pub struct Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "acked {} gave up {} in {:.2} s: {:.1} deliveries/s", self.acked, self.gave_up, self.seconds, self.throughput_per_s)?;
-        writeln!(f, "attempt latency ms: p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}", self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms)?;
-        let statuses: Vec<String> = self.statuses.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        writeln!(
+            f,
+            "acked {} gave up {} in {:.2} s: {:.1} deliveries/s",
+            self.acked, self.gave_up, self.seconds, self.throughput_per_s
+        )?;
+        writeln!(
+            f,
+            "attempt latency ms: p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
+        )?;
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         write!(f, "attempts by status: {}", statuses.join(", "))
     }
 }
@@ -116,7 +129,9 @@ pub struct Sender {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl Sender {
@@ -126,7 +141,9 @@ impl Sender {
         connector.set_nodelay(true);
         Self {
             target,
-            client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector),
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build(connector),
             stats: Arc::default(),
             log: log.map(|f| Arc::new(Mutex::new(f))),
             started: Instant::now(),
@@ -164,7 +181,11 @@ impl Sender {
             (_, None) => "error".to_owned(),
         };
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = stats.latency_us.record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+        let _ = stats.latency_us.record(
+            u64::try_from(started.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
         *stats.statuses.entry(label).or_default() += 1;
         status
     }
@@ -187,7 +208,11 @@ impl Sender {
             }
         }
         let (event_key, payment_id, event_type) = match Envelope::parse(&body) {
-            Ok(env) => (event_key(&env, &body), env.data.payment_id(), env.event_type),
+            Ok(env) => (
+                event_key(&env, &body),
+                env.data.payment_id(),
+                env.event_type,
+            ),
             Err(_) => (String::new(), None, String::new()),
         };
         let logged = Logged {
@@ -200,7 +225,11 @@ impl Sender {
         };
         {
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            if acked { stats.acked += 1 } else { stats.gave_up += 1 }
+            if acked {
+                stats.acked += 1
+            } else {
+                stats.gave_up += 1
+            }
         }
         if let Some(log) = &self.log
             && let Ok(line) = serde_json::to_string(&logged)

@@ -22,7 +22,12 @@ pub struct Traffic {
 }
 
 /// (item, price in cents) from the example catalog.
-const ITEMS: [(&str, i64); 4] = [("sword", 500), ("shield", 700), ("credits-1000", 1000), ("starter-bundle", 1500)];
+const ITEMS: [(&str, i64); 4] = [
+    ("sword", 500),
+    ("shield", 700),
+    ("credits-1000", 1000),
+    ("starter-bundle", 1500),
+];
 
 /// One event body.
 pub fn event(event_type: &str, payment_id: &str, item: &str, cents: i64, created: &str) -> Bytes {
@@ -53,7 +58,13 @@ fn created(n: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // 1_795_000_000 s is 2026-11-18; days since then stay small.
     let day = 18 + (days - 1_795_000_000 / 86_400);
-    format!("2026-11-{:02}T{:02}:{:02}:{:02}.000Z", day.min(28), rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "2026-11-{:02}T{:02}:{:02}:{:02}.000Z",
+        day.min(28),
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The bodies of a run, in delivery order.
@@ -68,15 +79,33 @@ pub fn generate(t: &Traffic) -> Vec<Bytes> {
         let lifecycle: &[(&str, i64)] = if roll < 0.70 {
             &[("Card Payment Authorized", price), ("Settled", price)]
         } else if roll < 0.80 {
-            &[("Card Payment Authorized", price), ("Card Payment Declined", price)]
+            &[
+                ("Card Payment Authorized", price),
+                ("Card Payment Declined", price),
+            ]
         } else if roll < 0.88 {
-            &[("Card Payment Authorized", price), ("Settled", price), ("Refund", price)]
+            &[
+                ("Card Payment Authorized", price),
+                ("Settled", price),
+                ("Refund", price),
+            ]
         } else if roll < 0.93 {
-            &[("Settled", price), ("Card Payment Chargeback Opened", price), ("Card Payment Chargeback Won", price)]
+            &[
+                ("Settled", price),
+                ("Card Payment Chargeback Opened", price),
+                ("Card Payment Chargeback Won", price),
+            ]
         } else if roll < 0.96 {
-            &[("Settled", price), ("Card Payment Chargeback Opened", price), ("Card Payment Chargeback Lost", price)]
+            &[
+                ("Settled", price),
+                ("Card Payment Chargeback Opened", price),
+                ("Card Payment Chargeback Lost", price),
+            ]
         } else {
-            &[("Card Payment Authorized", price / 5), ("Settled", price / 5)]
+            &[
+                ("Card Payment Authorized", price / 5),
+                ("Settled", price / 5),
+            ]
         };
         let mut events: Vec<Bytes> = lifecycle
             .iter()
@@ -91,7 +120,11 @@ pub fn generate(t: &Traffic) -> Vec<Bytes> {
         per_payment.push(events);
     }
     // Interleave payments, keeping each one's (possibly shuffled) order.
-    let mut cursors: Vec<(usize, usize)> = per_payment.iter().enumerate().map(|(i, _)| (i, 0)).collect();
+    let mut cursors: Vec<(usize, usize)> = per_payment
+        .iter()
+        .enumerate()
+        .map(|(i, _)| (i, 0))
+        .collect();
     let mut out = Vec::new();
     while !cursors.is_empty() {
         let pick = rng.random_range(0..cursors.len().min(64));
@@ -121,7 +154,13 @@ mod tests {
 
     #[test]
     fn reproducible_with_the_asked_duplicates() {
-        let t = Traffic { payments: 500, duplicate_ratio: 0.3, reorder_ratio: 0.2, prefix: "p".into(), seed: 7 };
+        let t = Traffic {
+            payments: 500,
+            duplicate_ratio: 0.3,
+            reorder_ratio: 0.2,
+            prefix: "p".into(),
+            seed: 7,
+        };
         let a = generate(&t);
         assert_eq!(a, generate(&t), "same seed, same run");
         let distinct: std::collections::HashSet<_> = a.iter().collect();

@@ -24,10 +24,20 @@ struct Cli {
 #[derive(Args)]
 struct Delivery {
     /// The webhook URL.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:8080/webhooks/coinflow")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8080/webhooks/coinflow"
+    )]
     url: String,
     /// The Validation Key.
-    #[arg(long, global = true, env = "COINFLOW_WEBHOOK_KEY", hide_env_values = true, default_value = "cf_whk_test_0123456789abcdef")]
+    #[arg(
+        long,
+        global = true,
+        env = "COINFLOW_WEBHOOK_KEY",
+        hide_env_values = true,
+        default_value = "cf_whk_test_0123456789abcdef"
+    )]
     key: SecretString,
     /// Also send `Authorization: <key>`.
     #[arg(long, global = true)]
@@ -92,7 +102,11 @@ fn bodies_in(paths: &[PathBuf]) -> anyhow::Result<Vec<Bytes>> {
     }
     files
         .iter()
-        .map(|f| std::fs::read(f).map(Bytes::from).with_context(|| format!("reading {}", f.display())))
+        .map(|f| {
+            std::fs::read(f)
+                .map(Bytes::from)
+                .with_context(|| format!("reading {}", f.display()))
+        })
         .collect()
 }
 
@@ -101,7 +115,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bodies = match &cli.mode {
         Mode::Replay { paths } => bodies_in(paths)?,
-        Mode::Generate { payments, duplicates, reorder, prefix, seed } => generate(&Traffic {
+        Mode::Generate {
+            payments,
+            duplicates,
+            reorder,
+            prefix,
+            seed,
+        } => generate(&Traffic {
             payments: *payments,
             duplicate_ratio: *duplicates,
             reorder_ratio: *reorder,
@@ -113,7 +133,13 @@ async fn main() -> anyhow::Result<()> {
     let log = d
         .log
         .as_ref()
-        .map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display())))
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))
+        })
         .transpose()?;
     let sender = Sender::new(
         Target {

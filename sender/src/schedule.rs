@@ -22,7 +22,10 @@ mod tests {
         assert_eq!(wait(1, 1.0), Duration::from_secs(1));
         let last = wait(ATTEMPTS - 1, 1.0).as_secs_f64() / 3600.0;
         assert!((8.5..9.5).contains(&last), "{last} h");
-        let total: f64 = (1..ATTEMPTS).map(|n| wait(n, 1.0).as_secs_f64()).sum::<f64>() / 3600.0;
+        let total: f64 = (1..ATTEMPTS)
+            .map(|n| wait(n, 1.0).as_secs_f64())
+            .sum::<f64>()
+            / 3600.0;
         assert!((16.0..19.0).contains(&total), "{total} h");
         assert!(wait(ATTEMPTS - 1, 10_000.0) < Duration::from_secs(4));
     }

@@ -67,10 +67,103 @@ impl<'de> Visitor<'de> for ObjectOnly {
     }
 }
 
-/// The `data` object, read leniently: a field of an unexpected type reads as absent.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(transparent)]
+/// The `data` object, read leniently: a field of an unexpected type reads as absent. A
+/// key repeated anywhere inside it is refused: parsers disagree on which copy wins, and the
+/// body must mean one thing.
+#[derive(Debug, Clone, Default)]
 pub struct Data(pub Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(StrictValue)? {
+            Value::Object(map) => Ok(Self(map)),
+            other => Err(serde::de::Error::invalid_type(
+                unexpected(&other),
+                &"a JSON object",
+            )),
+        }
+    }
+}
+
+fn unexpected(v: &Value) -> serde::de::Unexpected<'_> {
+    use serde::de::Unexpected;
+    match v {
+        Value::Null => Unexpected::Unit,
+        Value::Bool(b) => Unexpected::Bool(*b),
+        Value::Number(_) => Unexpected::Other("a number"),
+        Value::String(s) => Unexpected::Str(s),
+        Value::Array(_) => Unexpected::Seq,
+        Value::Object(_) => Unexpected::Map,
+    }
+}
+
+/// Builds a `Value`, refusing duplicate keys in any object.
+struct StrictValue;
+
+impl<'de> Visitor<'de> for StrictValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictValue)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(StrictSeed)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key `{key}`"
+                )));
+            }
+            let value = map.next_value_seed(StrictSeed)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+struct StrictSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictSeed {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictValue)
+    }
+}
 
 /// `{"cents": integer, "currency"?: string}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +305,14 @@ mod tests {
         assert!(matches!(
             Envelope::parse(br#"{"eventType":"S","category":"P","created":"c","data":{}} {}"#),
             Err(EnvelopeError::Syntax(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":"S","category":"P","created":"c","data":{"webhookInfo":{"item":"a","item":"b"}}}"#),
+            Err(EnvelopeError::Shape(m)) if m.contains("duplicate key `item`")
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"eventType":"S","category":"P","created":"c","data":{"id":"a","id":"b"}}"#),
+            Err(EnvelopeError::Shape(m)) if m.contains("duplicate key `id`")
         ));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(Envelope::parse(deep.as_bytes()).is_err());

@@ -94,7 +94,8 @@ impl Proc {
         Self::fulfillment_env(db, &[]).await
     }
 
-    /// fulfillment-svc over `db` with extra environment.
+    /// fulfillment-svc over `db` with extra environment (`FULFILLMENT_LISTEN` in `env`
+    /// picks the port, e.g. to restart on the same one).
     pub async fn fulfillment_env(db: &crate::TestDb, env: &[(&str, &str)]) -> Self {
         Self::fulfillment_with(db, &crate::catalog_path(), env).await
     }
@@ -110,10 +111,6 @@ impl Proc {
             "fulfillment-svc",
             &[
                 &[
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "127.0.0.1:0",
                     "--database-url",
                     url,
                     "--catalog",
@@ -124,6 +121,8 @@ impl Proc {
             .concat(),
             &[
                 &[
+                    ("FULFILLMENT_LISTEN", "127.0.0.1:0"),
+                    ("FULFILLMENT_ADMIN_LISTEN", "127.0.0.1:0"),
                     ("FULFILLMENT_API_TOKENS", crate::API_TOKEN),
                     ("FULFILLMENT_INGEST_TOKENS", crate::INGEST_TOKEN),
                 ],
@@ -135,7 +134,8 @@ impl Proc {
         .await
     }
 
-    /// webhook-edge in front of the ingest at `fulfillment`, trusting `keys`, on free ports.
+    /// webhook-edge in front of the ingest at `fulfillment`, trusting `keys`, on free ports
+    /// (`EDGE_LISTEN` in `env` picks the port, e.g. to restart on the same one).
     pub async fn edge(fulfillment: SocketAddr, keys: &str, env: &[(&str, &str)]) -> Self {
         Self::edge_to(&format!("http://{fulfillment}"), keys, env).await
     }
@@ -144,20 +144,15 @@ impl Proc {
     pub async fn edge_to(endpoints: &str, keys: &str, env: &[(&str, &str)]) -> Self {
         let url = endpoints;
         let mut all_env = vec![
+            ("EDGE_LISTEN", "127.0.0.1:0"),
+            ("EDGE_ADMIN_LISTEN", "127.0.0.1:0"),
             ("COINFLOW_WEBHOOK_KEYS", keys),
             ("EDGE_INGEST_TOKEN", crate::INGEST_TOKEN),
         ];
         all_env.extend_from_slice(env);
         Self::start(
             "webhook-edge",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--fulfillment-url",
-                url,
-            ],
+            &["--fulfillment-url", url],
             &all_env,
             "addr",
         )

@@ -7,6 +7,7 @@ mod catalog_reload;
 mod cli;
 mod deploy_observability;
 mod durability;
+mod faults;
 mod fixtures;
 mod grants;
 mod grpc_surface;
