@@ -38,6 +38,9 @@ impl From<BoxError> for ServiceError {
     }
 }
 
+/// The most a request head (request line and headers) may take.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Erases a response body's type.
 pub fn boxed<B>(response: Response<B>) -> Response<ResponseBody>
 where
@@ -70,7 +73,9 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        // Headers beyond 64 KiB get 431; Coinflow's are a few hundred bytes.
+        .max_buf_size(MAX_HEAD_BYTES);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {

@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod catalog_reload;
 mod cli;
+mod corpus;
 mod deploy_observability;
 mod durability;
 mod faults;
