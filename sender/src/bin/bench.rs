@@ -1,0 +1,311 @@
+//! `coinflow-bench`: measures the durable pipeline against a bare hyper server in one run
+//! on one machine, and reports ratios. See BENCHMARKS.md. Run it through `scripts/bench`,
+//! which builds the release binaries first.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use coinflow_sender::deliver::{Report, Sender, Target};
+use coinflow_sender::generate::event;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sqlx::Connection;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const KEY: &str = "cf_whk_bench_key";
+
+/// Measure the pipeline; print a Markdown report.
+#[derive(Parser)]
+struct Cli {
+    /// Events per closed-loop measurement.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Concurrent senders in the closed loop.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// The open-loop rate, events/s.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Seconds of open-loop load.
+    #[arg(long, default_value_t = 5)]
+    rate_seconds: u64,
+    /// Rows pre-loaded for the "full ledger" measurement (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    preload: u64,
+    /// PostgreSQL server for the PostgreSQL pipeline ("" skips it).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres: String,
+    /// Internal: run the bare hyper server.
+    #[arg(long, hide = true)]
+    bare_server: bool,
+}
+
+/// A bare hyper server: 200 `{"success":true}` to everything. The ceiling.
+async fn bare_server() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                use http_body_util::BodyExt;
+                let _ = req.into_body().collect().await;
+                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"{\"success\":true}"))))
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    name: &'static str,
+}
+
+impl Proc {
+    fn peak_rss_mib(&self) -> f64 {
+        let Some(pid) = self.child.id() else { return 0.0 };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.parent().context("exe dir")?.join(name);
+    if !path.exists() {
+        bail!("{} missing: run scripts/bench (it builds the release binaries)", path.display());
+    }
+    Ok(path)
+}
+
+/// Starts a service and waits for its "listening" log line (JSON) for the address.
+async fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(bin(name)?);
+    cmd.args(args).env("LOG_FORMAT", "json").env("RUST_LOG", "warn,fulfillment_svc::server=info,webhook_edge::server=info")
+        .stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(a) = v["fields"]["addr"].as_str()
+            {
+                return Ok::<_, anyhow::Error>(a.parse::<SocketAddr>()?);
+            }
+        }
+        bail!("{name} exited before listening")
+    })
+    .await??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Proc { child, addr, name })
+}
+
+async fn start_bare() -> anyhow::Result<Proc> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--bare-server")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let addr = lines.next_line().await?.context("bare server address")?.parse()?;
+    Ok(Proc { child, addr, name: "bare hyper" })
+}
+
+async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)> {
+    let catalog = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/catalog.example.toml");
+    let mut args = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--database-url", database_url, "--catalog", catalog.to_str().context("path")?];
+    if migrate {
+        args.push("--migrate-on-start");
+    }
+    let fulfillment = start("fulfillment-svc", &args, &[("FULFILLMENT_API_TOKENS", "bench"), ("FULFILLMENT_INGEST_TOKENS", "bench-ingest")]).await?;
+    let url = format!("http://{}", fulfillment.addr);
+    let edge = start(
+        "webhook-edge",
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--fulfillment-url", &url],
+        &[("COINFLOW_WEBHOOK_KEYS", KEY), ("EDGE_INGEST_TOKEN", "bench-ingest"), ("EDGE_MAX_CONCURRENCY", "4096")],
+    )
+    .await?;
+    Ok((edge, fulfillment))
+}
+
+fn bodies(prefix: &str, n: usize) -> Vec<Bytes> {
+    (0..n).map(|i| event("Settled", &format!("{prefix}-{i}"), "sword", 500, "2026-11-20T17:06:05.177Z")).collect()
+}
+
+async fn closed(addr: SocketAddr, prefix: &str, n: usize, concurrency: usize) -> Report {
+    let sender = sender(addr);
+    sender.closed_loop(bodies(prefix, n), concurrency).await;
+    sender.report()
+}
+
+async fn open(addr: SocketAddr, prefix: &str, rate: f64, seconds: u64) -> Report {
+    let sender = sender(addr);
+    let n = (rate * seconds as f64) as usize;
+    sender.open_loop(bodies(prefix, n), rate).await;
+    sender.report()
+}
+
+fn sender(addr: SocketAddr) -> Sender {
+    Sender::new(
+        Target { url: format!("http://{addr}/webhooks/coinflow"), key: KEY.into(), authorization: false, compress: 1000.0, attempts: 3 },
+        None,
+    )
+}
+
+/// Pre-loads `rows` settled payments, each with its event and grant, straight into the
+/// ledger tables (what months of traffic would leave).
+async fn preload(url: &str, rows: u64) -> anyhow::Result<()> {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await?;
+    let body = "x'7b7d'"; // '{}'
+    let (events, ledger) = if url.starts_with("sqlite") {
+        (
+            format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+             INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet, outcome, received_at_us, recorded_at_us, raw_body)
+             SELECT 'pre-' || i, 'Settled', 'Purchase', 'c', 'pre-' || i, 'w-' || (i % 50000), 'granted', 0, 0, {body} FROM n"),
+            format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+             INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet, item, catalog_version, event_key, actor, recorded_at_us)
+             SELECT 'pre-' || i, 1, 'grant', 'sword', 1, 'w-' || (i % 50000), 'sword', 'v', 'pre-' || i, 'coinflow', 0 FROM n"),
+        )
+    } else {
+        (
+            format!("INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet, outcome, received_at_us, recorded_at_us, raw_body)
+             SELECT 'pre-' || i, 'Settled', 'Purchase', 'c', 'pre-' || i, 'w-' || (i % 50000), 'granted', 0, 0, '\\x7b7d'::bytea FROM generate_series(1, {rows}) i"),
+            format!("INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet, item, catalog_version, event_key, actor, recorded_at_us)
+             SELECT 'pre-' || i, 1, 'grant', 'sword', 1, 'w-' || (i % 50000), 'sword', 'v', 'pre-' || i, 'coinflow', 0 FROM generate_series(1, {rows}) i"),
+        )
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(events)).execute(&mut conn).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(ledger)).execute(&mut conn).await?;
+    Ok(())
+}
+
+struct Row {
+    name: String,
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    rate_p50: Option<f64>,
+    rate_p99: Option<f64>,
+    rate_achieved: Option<f64>,
+    rss: Vec<(String, f64)>,
+}
+
+fn row(name: &str, closed: &Report, rate: Option<&Report>, procs: &[&Proc]) -> Row {
+    Row {
+        name: name.to_owned(),
+        throughput: closed.throughput_per_s,
+        p50: closed.p50_ms,
+        p99: closed.p99_ms,
+        rate_p50: rate.map(|r| r.p50_ms),
+        rate_p99: rate.map(|r| r.p99_ms),
+        rate_achieved: rate.map(|r| r.throughput_per_s),
+        rss: procs.iter().map(|p| (p.name.to_owned(), p.peak_rss_mib())).collect(),
+    }
+}
+
+async fn pipeline(name: &str, url: &str, migrate: bool, cli: &Cli) -> anyhow::Result<(Row, Option<f64>)> {
+    let (edge, fulfillment) = stack(url, migrate).await?;
+    eprintln!("{name}: warm-up");
+    closed(edge.addr, &format!("{name}-warm"), 2000, cli.concurrency).await;
+    eprintln!("{name}: closed loop");
+    let c = closed(edge.addr, &format!("{name}-closed"), cli.events, cli.concurrency).await;
+    eprintln!("{name}: open loop at {}/s", cli.rate);
+    let o = open(edge.addr, &format!("{name}-open"), cli.rate, cli.rate_seconds).await;
+    let r = row(name, &c, Some(&o), &[&edge, &fulfillment]);
+    drop((edge, fulfillment));
+    let mut full = None;
+    if cli.preload > 0 {
+        eprintln!("{name}: pre-loading {} ledger rows", cli.preload);
+        preload(url, cli.preload).await?;
+        let (edge, fulfillment) = stack(url, migrate).await?;
+        closed(edge.addr, &format!("{name}-warm2"), 2000, cli.concurrency).await;
+        let f = closed(edge.addr, &format!("{name}-full"), cli.events, cli.concurrency).await;
+        full = Some(f.throughput_per_s);
+        drop((edge, fulfillment));
+    }
+    Ok((r, full))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.bare_server {
+        return bare_server().await;
+    }
+    let dir = std::env::temp_dir().join(format!("coinflow-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut rows = Vec::new();
+    let mut full = Vec::new();
+
+    let bare = start_bare().await?;
+    eprintln!("bare hyper: closed loop");
+    closed(bare.addr, "bare-warm", 2000, cli.concurrency).await;
+    let c = closed(bare.addr, "bare", cli.events, cli.concurrency).await;
+    let o = open(bare.addr, "bare-open", cli.rate, cli.rate_seconds).await;
+    rows.push(row("bare hyper (ceiling)", &c, Some(&o), &[&bare]));
+    drop(bare);
+
+    let sqlite = format!("sqlite://{}", dir.join("ledger.db").display());
+    let (r, f) = pipeline("SQLite pipeline", &sqlite, true, &cli).await?;
+    rows.push(r);
+    full.push(("SQLite", f));
+
+    if !cli.postgres.is_empty() {
+        let name = format!("coinflow_bench_{}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", cli.postgres)).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        let url = format!("{}/{name}", cli.postgres);
+        let result = pipeline("PostgreSQL pipeline", &url, true, &cli).await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut admin).await?;
+        let (r, f) = result?;
+        rows.push(r);
+        full.push(("PostgreSQL", f));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let bare_tp = rows[0].throughput;
+    println!("| run | events/s @{} | vs bare | p50 ms | p99 ms | @{}/s achieved | p50 ms | p99 ms | peak RSS MiB |", cli.concurrency, cli.rate);
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let rss: Vec<String> = r.rss.iter().map(|(n, m)| format!("{n} {m:.1}")).collect();
+        println!(
+            "| {} | {:.0} | {:.1}% | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} |",
+            r.name,
+            r.throughput,
+            100.0 * r.throughput / bare_tp,
+            r.p50,
+            r.p99,
+            r.rate_achieved.unwrap_or(0.0),
+            r.rate_p50.unwrap_or(0.0),
+            r.rate_p99.unwrap_or(0.0),
+            rss.join(", ")
+        );
+    }
+    for (name, f) in full {
+        if let Some(f) = f {
+            let empty = rows.iter().find(|r| r.name.starts_with(name)).map_or(0.0, |r| r.throughput);
+            println!("\n{name} with {} rows pre-loaded: {f:.0} events/s ({:.1}% of the empty-ledger figure)", cli.preload, 100.0 * f / empty);
+        }
+    }
+    Ok(())
+}
