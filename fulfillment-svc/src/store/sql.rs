@@ -28,7 +28,9 @@ use coinflow_shared::proto::v1::{LedgerEntry, Outcome, RecordedEvent, WebhookEve
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr};
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::reconcile::{Delta, Held, Kind, deltas};
 use super::{
@@ -102,11 +104,38 @@ pub fn redact(url: &str) -> String {
 /// SQL storage.
 #[derive(Debug)]
 pub struct SqlStore {
+    core: Arc<Core>,
+    /// SQLite's group-commit writer; `None` on PostgreSQL.
+    batcher: Option<mpsc::Sender<Job>>,
+}
+
+/// What every write path needs.
+#[derive(Debug)]
+struct Core {
     write: AnyPool,
     read: AnyPool,
     backend: Backend,
     policy: ChargebackPolicy,
     commits: watch::Sender<i64>,
+}
+
+/// One event waiting for the group-commit writer.
+#[derive(Debug)]
+struct Job {
+    event: WebhookEvent,
+    decision: Decision,
+    reply: oneshot::Sender<Result<Ack, StoreError>>,
+}
+
+/// The most events one group commit takes.
+const BATCH: usize = 256;
+
+/// The group-commit writer: takes whatever is queued (up to `BATCH`), commits it at once.
+async fn write_batches(core: Arc<Core>, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        core.commit_batch(&mut batch).await;
+    }
 }
 
 /// How [`SqlStore::open`] treats migrations.
@@ -248,13 +277,19 @@ impl SqlStore {
                 .fetch_one(&write)
                 .await
                 .map_err(classify)?;
-        Ok(Self {
+        let core = Arc::new(Core {
             write,
             read,
             backend,
             policy,
             commits: watch::Sender::new(last),
-        })
+        });
+        let batcher = (backend == Backend::Sqlite).then(|| {
+            let (tx, rx) = mpsc::channel(4 * BATCH);
+            tokio::spawn(write_batches(Arc::clone(&core), rx));
+            tx
+        });
+        Ok(Self { core, batcher })
     }
 
     /// Applies pending migrations to `url` and returns (for the `migrate` subcommand).
@@ -266,9 +301,31 @@ impl SqlStore {
 
     /// The backend in use.
     pub fn backend(&self) -> Backend {
-        self.backend
+        self.core.backend
     }
 
+    async fn record_once(
+        &self,
+        event: &WebhookEvent,
+        decision: &Decision,
+    ) -> Result<Ack, StoreError> {
+        let Some(batcher) = &self.batcher else {
+            return self.core.record_once(event, decision).await;
+        };
+        let stopped =
+            || StoreError::Unavailable(sqlx::Error::Protocol("the ledger writer stopped".into()));
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            event: event.clone(),
+            decision: decision.clone(),
+            reply,
+        };
+        batcher.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Core {
     fn notify(&self, entries: &[LedgerEntry]) {
         if let Some(last) = entries.iter().map(|e| e.seq).max() {
             self.commits.send_if_modified(|seq| {
@@ -375,8 +432,72 @@ impl SqlStore {
     ) -> Result<Ack, StoreError> {
         let mut conn = self.write.acquire().await.map_err(classify)?;
         let mut tx = self.begin(&mut conn).await?;
+        let ack = self.record_in(&mut tx, event, decision).await?;
+        tx.commit().await.map_err(classify)?;
+        self.notify(&ack.entries);
+        Ok(ack)
+    }
+
+    /// Group commit (SQLite): records every job of `batch` in one transaction, each
+    /// behind a savepoint so one failure touches only its own event, commits once (one
+    /// fsync), then answers each caller. No caller hears "recorded" before the commit.
+    async fn commit_batch(&self, batch: &mut Vec<Job>) {
+        match self.record_batch(batch).await {
+            Ok(acks) => {
+                for (job, ack) in batch.drain(..).zip(acks) {
+                    if let Ok(ack) = &ack {
+                        self.notify(&ack.entries);
+                    }
+                    let _ = job.reply.send(ack);
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                for job in batch.drain(..) {
+                    let lost = sqlx::Error::Protocol(format!("batch commit failed: {why}"));
+                    let _ = job.reply.send(Err(StoreError::Unavailable(lost)));
+                }
+            }
+        }
+    }
+
+    async fn record_batch(
+        &self,
+        batch: &[Job],
+    ) -> Result<Vec<Result<Ack, StoreError>>, StoreError> {
+        let mut conn = self.write.acquire().await.map_err(classify)?;
+        let mut tx = self.begin(&mut conn).await?;
+        let mut acks = Vec::with_capacity(batch.len());
+        for job in batch {
+            sqlx::raw_sql("SAVEPOINT item")
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let ack = self.record_in(&mut tx, &job.event, &job.decision).await;
+            let undo = if ack.is_ok() {
+                "RELEASE item"
+            } else {
+                "ROLLBACK TO item; RELEASE item"
+            };
+            sqlx::raw_sql(undo)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            acks.push(ack);
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(acks)
+    }
+
+    /// Records one event inside the caller's transaction (no commit).
+    async fn record_in(
+        &self,
+        tx: &mut AnyConnection,
+        event: &WebhookEvent,
+        decision: &Decision,
+    ) -> Result<Ack, StoreError> {
         if let Some(payment_id) = &event.payment_id {
-            self.lock(&mut tx, payment_id).await?;
+            self.lock(tx, payment_id).await?;
         }
         let existing = sqlx::query("SELECT outcome, held_reason FROM events WHERE event_key = $1")
             .bind(&event.event_key)
@@ -402,10 +523,10 @@ impl SqlStore {
                 _ => (Outcome::Recorded, None),
             },
             Some(payment_id) => {
-                let mut facts = load_facts(&mut tx, payment_id).await?;
+                let mut facts = load_facts(tx, payment_id).await?;
                 facts.add(&event.event_type, event.refund_status.as_deref());
-                let rejected = review_of(&mut tx, payment_id).await?.as_deref() == Some("rejected");
-                let mut plan = load_plan(&mut tx, payment_id).await?;
+                let rejected = review_of(tx, payment_id).await?.as_deref() == Some("rejected");
+                let mut plan = load_plan(tx, payment_id).await?;
                 if plan.is_none()
                     && !rejected
                     && let Decision::Grant(new) = decision
@@ -418,7 +539,7 @@ impl SqlStore {
                     Some(p) if entitled => &p.grants,
                     _ => &[],
                 };
-                let current = load_held(&mut tx, payment_id).await?;
+                let current = load_held(tx, payment_id).await?;
                 let deltas = deltas(target, &current);
                 let result = outcome_of(event, decision, plan.is_some(), entitled, &deltas);
                 effect = plan.map(|p| (p, deltas));
@@ -453,7 +574,7 @@ impl SqlStore {
         .await
         .map_err(classify)?;
         if let Some(plan) = plan_to_insert {
-            insert_plan(&mut tx, plan, "catalog", now).await?;
+            insert_plan(tx, plan, "catalog", now).await?;
         }
         let mut written = Vec::new();
         if let Some((plan, deltas)) = &effect {
@@ -462,10 +583,8 @@ impl SqlStore {
                 actor: "coinflow",
                 note: None,
             };
-            written = self.append(&mut tx, plan, deltas, &cause, now).await?;
+            written = self.append(tx, plan, deltas, &cause, now).await?;
         }
-        tx.commit().await.map_err(classify)?;
-        self.notify(&written);
         Ok(Ack {
             outcome,
             held_reason: held_reason.map(str::to_owned),
@@ -900,7 +1019,7 @@ impl Filters {
 
 #[async_trait]
 impl Store for SqlStore {
-    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.backend.name(), db.operation.name = "record"))]
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.core.backend.name(), db.operation.name = "record"))]
     async fn record(&self, event: &WebhookEvent, decision: &Decision) -> Result<Ack, StoreError> {
         retrying!(self.record_once(event, decision))
     }
@@ -913,13 +1032,13 @@ impl Store for SqlStore {
         );
         sqlx::query_as(AssertSqlSafe(sql))
             .bind(key)
-            .fetch_all(&self.read)
+            .fetch_all(&self.core.read)
             .await
             .map_err(classify)
     }
 
     async fn payment(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError> {
-        let mut conn = self.read.acquire().await.map_err(classify)?;
+        let mut conn = self.core.read.acquire().await.map_err(classify)?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE payment_id = $1 ORDER BY seq"
         )))
@@ -982,8 +1101,11 @@ impl Store for SqlStore {
         if let Some(b) = before {
             q.and("seq <", Bind::Int(b));
         }
-        q.fetch(&format!(" ORDER BY seq DESC LIMIT {limit}"), &self.read)
-            .await
+        q.fetch(
+            &format!(" ORDER BY seq DESC LIMIT {limit}"),
+            &self.core.read,
+        )
+        .await
     }
 
     async fn entries_after(
@@ -998,16 +1120,16 @@ impl Store for SqlStore {
             let (column, key) = payer_column(payer);
             q.and(&format!("{column} ="), Bind::Text(key.to_owned()));
         }
-        q.fetch(&format!(" ORDER BY seq LIMIT {limit}"), &self.read)
+        q.fetch(&format!(" ORDER BY seq LIMIT {limit}"), &self.core.read)
             .await
     }
 
     fn commits(&self) -> watch::Receiver<i64> {
-        self.commits.subscribe()
+        self.core.commits.subscribe()
     }
 
     async fn list_held(&self, after_seq: i64, limit: u32) -> Result<Vec<HeldPayment>, StoreError> {
-        let mut conn = self.read.acquire().await.map_err(classify)?;
+        let mut conn = self.core.read.acquire().await.map_err(classify)?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events e WHERE {HELD} AND e.seq > $1
              ORDER BY e.seq LIMIT {limit}"
@@ -1031,7 +1153,7 @@ impl Store for SqlStore {
         Ok(held)
     }
 
-    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.backend.name(), db.operation.name = "resolve"))]
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.core.backend.name(), db.operation.name = "resolve"))]
     async fn resolve(
         &self,
         payment_id: &str,
@@ -1039,19 +1161,22 @@ impl Store for SqlStore {
         operator: &str,
         note: &str,
     ) -> Result<Resolved, StoreError> {
-        retrying!(self.resolve_once(payment_id, resolution, operator, note))
+        retrying!(
+            self.core
+                .resolve_once(payment_id, resolution, operator, note)
+        )
     }
 
-    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.backend.name(), db.operation.name = "consume"))]
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system.name = self.core.backend.name(), db.operation.name = "consume"))]
     async fn consume(&self, spend: &Spend) -> Result<Spent, StoreError> {
-        retrying!(self.consume_once(spend))
+        retrying!(self.core.consume_once(spend))
     }
 
     async fn held_summary(&self) -> Result<(u64, Option<i64>), StoreError> {
         let (count, oldest): (i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT CAST(COUNT(*) AS BIGINT), MIN(e.received_at_us) FROM events e WHERE {HELD}"
         )))
-        .fetch_one(&self.read)
+        .fetch_one(&self.core.read)
         .await
         .map_err(classify)?;
         Ok((u64::try_from(count).unwrap_or(0), oldest))
@@ -1059,7 +1184,7 @@ impl Store for SqlStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
-            .execute(&self.write)
+            .execute(&self.core.write)
             .await
             .map_err(classify)?;
         Ok(())

@@ -60,7 +60,9 @@ async fn bare_server() -> anyhow::Result<()> {
             let service = hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
                 use http_body_util::BodyExt;
                 let _ = req.into_body().collect().await;
-                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"{\"success\":true}"))))
+                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                    b"{\"success\":true}",
+                ))))
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -77,19 +79,35 @@ struct Proc {
 
 impl Proc {
     fn peak_rss_mib(&self) -> f64 {
-        let Some(pid) = self.child.id() else { return 0.0 };
+        let Some(pid) = self.child.id() else {
+            return 0.0;
+        };
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
-            .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .map(str::to_owned)
+            })
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
             .map_or(0.0, |kb| kb / 1024.0)
     }
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.parent().context("exe dir")?.join(name);
+    let path = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join(name);
     if !path.exists() {
-        bail!("{} missing: run scripts/bench (it builds the release binaries)", path.display());
+        bail!(
+            "{} missing: run scripts/bench (it builds the release binaries)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -97,8 +115,15 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
 /// Starts a service and waits for its "listening" log line (JSON) for the address.
 async fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(bin(name)?);
-    cmd.args(args).env("LOG_FORMAT", "json").env("RUST_LOG", "warn,fulfillment_svc::server=info,webhook_edge::server=info")
-        .stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd.args(args)
+        .env("LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            "warn,fulfillment_svc::server=info,webhook_edge::server=info",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -126,29 +151,75 @@ async fn start_bare() -> anyhow::Result<Proc> {
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let addr = lines.next_line().await?.context("bare server address")?.parse()?;
-    Ok(Proc { child, addr, name: "bare hyper" })
+    let addr = lines
+        .next_line()
+        .await?
+        .context("bare server address")?
+        .parse()?;
+    Ok(Proc {
+        child,
+        addr,
+        name: "bare hyper",
+    })
 }
 
 async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)> {
     let catalog = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/catalog.example.toml");
-    let mut args = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--database-url", database_url, "--catalog", catalog.to_str().context("path")?];
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--database-url",
+        database_url,
+        "--catalog",
+        catalog.to_str().context("path")?,
+    ];
     if migrate {
         args.push("--migrate-on-start");
     }
-    let fulfillment = start("fulfillment-svc", &args, &[("FULFILLMENT_API_TOKENS", "bench"), ("FULFILLMENT_INGEST_TOKENS", "bench-ingest")]).await?;
+    let fulfillment = start(
+        "fulfillment-svc",
+        &args,
+        &[
+            ("FULFILLMENT_API_TOKENS", "bench"),
+            ("FULFILLMENT_INGEST_TOKENS", "bench-ingest"),
+        ],
+    )
+    .await?;
     let url = format!("http://{}", fulfillment.addr);
     let edge = start(
         "webhook-edge",
-        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--fulfillment-url", &url],
-        &[("COINFLOW_WEBHOOK_KEYS", KEY), ("EDGE_INGEST_TOKEN", "bench-ingest"), ("EDGE_MAX_CONCURRENCY", "4096")],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--fulfillment-url",
+            &url,
+        ],
+        &[
+            ("COINFLOW_WEBHOOK_KEYS", KEY),
+            ("EDGE_INGEST_TOKEN", "bench-ingest"),
+            ("EDGE_MAX_CONCURRENCY", "4096"),
+        ],
     )
     .await?;
     Ok((edge, fulfillment))
 }
 
 fn bodies(prefix: &str, n: usize) -> Vec<Bytes> {
-    (0..n).map(|i| event("Settled", &format!("{prefix}-{i}"), "sword", 500, "2026-11-20T17:06:05.177Z")).collect()
+    (0..n)
+        .map(|i| {
+            event(
+                "Settled",
+                &format!("{prefix}-{i}"),
+                "sword",
+                500,
+                "2026-11-20T17:06:05.177Z",
+            )
+        })
+        .collect()
 }
 
 async fn closed(addr: SocketAddr, prefix: &str, n: usize, concurrency: usize) -> Report {
@@ -166,7 +237,13 @@ async fn open(addr: SocketAddr, prefix: &str, rate: f64, seconds: u64) -> Report
 
 fn sender(addr: SocketAddr) -> Sender {
     Sender::new(
-        Target { url: format!("http://{addr}/webhooks/coinflow"), key: KEY.into(), authorization: false, compress: 1000.0, attempts: 3 },
+        Target {
+            url: format!("http://{addr}/webhooks/coinflow"),
+            key: KEY.into(),
+            authorization: false,
+            compress: 1000.0,
+            attempts: 3,
+        },
         None,
     )
 }
@@ -194,8 +271,12 @@ async fn preload(url: &str, rows: u64) -> anyhow::Result<()> {
              SELECT 'pre-' || i, 1, 'grant', 'sword', 1, 'w-' || (i % 50000), 'sword', 'v', 'pre-' || i, 'coinflow', 0 FROM generate_series(1, {rows}) i"),
         )
     };
-    sqlx::raw_sql(sqlx::AssertSqlSafe(events)).execute(&mut conn).await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(ledger)).execute(&mut conn).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(events))
+        .execute(&mut conn)
+        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(ledger))
+        .execute(&mut conn)
+        .await?;
     Ok(())
 }
 
@@ -219,18 +300,38 @@ fn row(name: &str, closed: &Report, rate: Option<&Report>, procs: &[&Proc]) -> R
         rate_p50: rate.map(|r| r.p50_ms),
         rate_p99: rate.map(|r| r.p99_ms),
         rate_achieved: rate.map(|r| r.throughput_per_s),
-        rss: procs.iter().map(|p| (p.name.to_owned(), p.peak_rss_mib())).collect(),
+        rss: procs
+            .iter()
+            .map(|p| (p.name.to_owned(), p.peak_rss_mib()))
+            .collect(),
     }
 }
 
-async fn pipeline(name: &str, url: &str, migrate: bool, cli: &Cli) -> anyhow::Result<(Row, Option<f64>)> {
+async fn pipeline(
+    name: &str,
+    url: &str,
+    migrate: bool,
+    cli: &Cli,
+) -> anyhow::Result<(Row, Option<f64>)> {
     let (edge, fulfillment) = stack(url, migrate).await?;
     eprintln!("{name}: warm-up");
     closed(edge.addr, &format!("{name}-warm"), 2000, cli.concurrency).await;
     eprintln!("{name}: closed loop");
-    let c = closed(edge.addr, &format!("{name}-closed"), cli.events, cli.concurrency).await;
+    let c = closed(
+        edge.addr,
+        &format!("{name}-closed"),
+        cli.events,
+        cli.concurrency,
+    )
+    .await;
     eprintln!("{name}: open loop at {}/s", cli.rate);
-    let o = open(edge.addr, &format!("{name}-open"), cli.rate, cli.rate_seconds).await;
+    let o = open(
+        edge.addr,
+        &format!("{name}-open"),
+        cli.rate,
+        cli.rate_seconds,
+    )
+    .await;
     let r = row(name, &c, Some(&o), &[&edge, &fulfillment]);
     drop((edge, fulfillment));
     let mut full = None;
@@ -239,7 +340,13 @@ async fn pipeline(name: &str, url: &str, migrate: bool, cli: &Cli) -> anyhow::Re
         preload(url, cli.preload).await?;
         let (edge, fulfillment) = stack(url, migrate).await?;
         closed(edge.addr, &format!("{name}-warm2"), 2000, cli.concurrency).await;
-        let f = closed(edge.addr, &format!("{name}-full"), cli.events, cli.concurrency).await;
+        let f = closed(
+            edge.addr,
+            &format!("{name}-full"),
+            cli.events,
+            cli.concurrency,
+        )
+        .await;
         full = Some(f.throughput_per_s);
         drop((edge, fulfillment));
     }
@@ -273,10 +380,16 @@ async fn main() -> anyhow::Result<()> {
     if !cli.postgres.is_empty() {
         let name = format!("coinflow_bench_{}", std::process::id());
         let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", cli.postgres)).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await?;
         let url = format!("{}/{name}", cli.postgres);
         let result = pipeline("PostgreSQL pipeline", &url, true, &cli).await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut admin).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
         let (r, f) = result?;
         rows.push(r);
         full.push(("PostgreSQL", f));
@@ -284,7 +397,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let bare_tp = rows[0].throughput;
-    println!("| run | events/s @{} | vs bare | p50 ms | p99 ms | @{}/s achieved | p50 ms | p99 ms | peak RSS MiB |", cli.concurrency, cli.rate);
+    println!(
+        "| run | events/s @{} | vs bare | p50 ms | p99 ms | @{}/s achieved | p50 ms | p99 ms | peak RSS MiB |",
+        cli.concurrency, cli.rate
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let rss: Vec<String> = r.rss.iter().map(|(n, m)| format!("{n} {m:.1}")).collect();
@@ -303,8 +419,15 @@ async fn main() -> anyhow::Result<()> {
     }
     for (name, f) in full {
         if let Some(f) = f {
-            let empty = rows.iter().find(|r| r.name.starts_with(name)).map_or(0.0, |r| r.throughput);
-            println!("\n{name} with {} rows pre-loaded: {f:.0} events/s ({:.1}% of the empty-ledger figure)", cli.preload, 100.0 * f / empty);
+            let empty = rows
+                .iter()
+                .find(|r| r.name.starts_with(name))
+                .map_or(0.0, |r| r.throughput);
+            println!(
+                "\n{name} with {} rows pre-loaded: {f:.0} events/s ({:.1}% of the empty-ledger figure)",
+                cli.preload,
+                100.0 * f / empty
+            );
         }
     }
     Ok(())
