@@ -38,27 +38,10 @@ pub fn settled(payment_id: &str, item: &str, cents: i64) -> Vec<u8> {
     )
 }
 
-/// A payment-family event with the given fields; `wallet` is derived from the payment.
+/// A payment-family event with the given fields, as the sender generates them; the wallet
+/// is derived from the payment ([`wallet_of`]).
 pub fn event(event_type: &str, payment_id: &str, item: &str, cents: i64, created: &str) -> Vec<u8> {
-    serde_json::json!({
-        "eventType": event_type,
-        "category": "Purchase",
-        "created": created,
-        "data": {
-            "id": payment_id,
-            "merchantId": "mygame",
-            "wallet": wallet_of(payment_id),
-            "rawCustomerId": format!("user-{payment_id}"),
-            "webhookInfo": { "item": item },
-            "subtotal": { "cents": cents, "currency": "USD" },
-            "fees": { "cents": 25, "currency": "USD" },
-            "total": { "cents": cents + 25, "currency": "USD" },
-            "last4": "1111",
-            "bin": "411111"
-        }
-    })
-    .to_string()
-    .into_bytes()
+    coinflow_sender::generate::event(event_type, payment_id, item, cents, created).to_vec()
 }
 
 /// The wallet [`event`] uses for a payment.
