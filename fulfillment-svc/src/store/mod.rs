@@ -13,6 +13,7 @@
 
 pub mod reconcile;
 pub mod sql;
+mod sqlite_writer;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

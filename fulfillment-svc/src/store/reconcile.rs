@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use coinflow_shared::proto::v1::{Outcome, WebhookEvent};
+
 use crate::catalog::Grant;
+use crate::decision::{Decision, SETTLED};
 
 /// The kinds of ledger entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,31 @@ pub fn deltas(target: &[Grant], current: &BTreeMap<String, Held>) -> Vec<Delta> 
             })
         })
         .collect()
+}
+
+/// The outcome an event gets from what reconciling did.
+pub fn outcome_of(
+    event: &WebhookEvent,
+    decision: &Decision,
+    planned: bool,
+    entitled: bool,
+    deltas: &[Delta],
+) -> (Outcome, Option<&'static str>) {
+    if let Some(d) = deltas.first() {
+        return match d.kind {
+            Kind::Grant => (Outcome::Granted, None),
+            Kind::Restore => (Outcome::Restored, None),
+            _ => (Outcome::Revoked, None),
+        };
+    }
+    if event.event_type != SETTLED {
+        return (Outcome::Recorded, None);
+    }
+    match decision {
+        Decision::Hold(reason) if !planned => (Outcome::Held, Some(reason.as_str())),
+        _ if planned && entitled => (Outcome::AlreadyGranted, None),
+        _ => (Outcome::Recorded, None),
+    }
 }
 
 #[cfg(test)]

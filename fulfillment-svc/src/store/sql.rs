@@ -30,15 +30,16 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
-use super::reconcile::{Delta, Held, Kind, deltas};
+use super::reconcile::{Delta, Held, Kind, deltas, outcome_of};
+use super::sqlite_writer::Writer;
 use super::{
     Ack, HeldPayment, LedgerFilter, Payer, PaymentRecord, Resolution, Resolved, Spend, Spent,
     Store, StoreError, micros, outcome_from_name, outcome_name, timestamp,
 };
 use crate::catalog::Grant;
-use crate::decision::{Decision, GrantPlan, SETTLED};
+use crate::decision::{Decision, GrantPlan};
 use crate::lifecycle::{ChargebackPolicy, Facts};
 
 /// Which database a URL names.
@@ -106,7 +107,7 @@ pub fn redact(url: &str) -> String {
 pub struct SqlStore {
     core: Arc<Core>,
     /// SQLite's group-commit writer; `None` on PostgreSQL.
-    batcher: Option<mpsc::Sender<Job>>,
+    batcher: Option<Writer>,
 }
 
 /// What every write path needs.
@@ -116,26 +117,7 @@ struct Core {
     read: AnyPool,
     backend: Backend,
     policy: ChargebackPolicy,
-    commits: watch::Sender<i64>,
-}
-
-/// One event waiting for the group-commit writer.
-#[derive(Debug)]
-struct Job {
-    event: WebhookEvent,
-    decision: Decision,
-    reply: oneshot::Sender<Result<Ack, StoreError>>,
-}
-
-/// The most events one group commit takes.
-const BATCH: usize = 256;
-
-/// The group-commit writer: takes whatever is queued (up to `BATCH`), commits it at once.
-async fn write_batches(core: Arc<Core>, mut jobs: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while jobs.recv_many(&mut batch, BATCH).await > 0 {
-        core.commit_batch(&mut batch).await;
-    }
+    commits: Arc<watch::Sender<i64>>,
 }
 
 /// How [`SqlStore::open`] treats migrations.
@@ -191,6 +173,12 @@ fn recorded_event(row: &AnyRow) -> Result<RecordedEvent, sqlx::Error> {
         received_at: Some(timestamp(row.try_get(6)?)),
         raw_body: row.try_get::<Vec<u8>, _>(7)?.into(),
     })
+}
+
+/// The file a `sqlite://path?options` URL names.
+fn sqlite_path(url: &str) -> std::path::PathBuf {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    std::path::PathBuf::from(rest.split('?').next().unwrap_or(rest))
 }
 
 /// `sqlite://path` with `mode` (rwc: create if missing; ro: read-only).
@@ -282,13 +270,16 @@ impl SqlStore {
             read,
             backend,
             policy,
-            commits: watch::Sender::new(last),
+            commits: Arc::new(watch::Sender::new(last)),
         });
-        let batcher = (backend == Backend::Sqlite).then(|| {
-            let (tx, rx) = mpsc::channel(4 * BATCH);
-            tokio::spawn(write_batches(Arc::clone(&core), rx));
-            tx
-        });
+        let batcher = match backend {
+            Backend::Sqlite => Some(Writer::start(
+                &sqlite_path(url),
+                policy,
+                Arc::clone(&core.commits),
+            )?),
+            Backend::Postgres => None,
+        };
         Ok(Self { core, batcher })
     }
 
@@ -309,19 +300,10 @@ impl SqlStore {
         event: &WebhookEvent,
         decision: &Decision,
     ) -> Result<Ack, StoreError> {
-        let Some(batcher) = &self.batcher else {
-            return self.core.record_once(event, decision).await;
-        };
-        let stopped =
-            || StoreError::Unavailable(sqlx::Error::Protocol("the ledger writer stopped".into()));
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            event: event.clone(),
-            decision: decision.clone(),
-            reply,
-        };
-        batcher.send(job).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        match &self.batcher {
+            Some(writer) => writer.record(event, decision).await,
+            None => self.core.record_once(event, decision).await,
+        }
     }
 }
 
@@ -436,57 +418,6 @@ impl Core {
         tx.commit().await.map_err(classify)?;
         self.notify(&ack.entries);
         Ok(ack)
-    }
-
-    /// Group commit (SQLite): records every job of `batch` in one transaction, each
-    /// behind a savepoint so one failure touches only its own event, commits once (one
-    /// fsync), then answers each caller. No caller hears "recorded" before the commit.
-    async fn commit_batch(&self, batch: &mut Vec<Job>) {
-        match self.record_batch(batch).await {
-            Ok(acks) => {
-                for (job, ack) in batch.drain(..).zip(acks) {
-                    if let Ok(ack) = &ack {
-                        self.notify(&ack.entries);
-                    }
-                    let _ = job.reply.send(ack);
-                }
-            }
-            Err(e) => {
-                let why = e.to_string();
-                for job in batch.drain(..) {
-                    let lost = sqlx::Error::Protocol(format!("batch commit failed: {why}"));
-                    let _ = job.reply.send(Err(StoreError::Unavailable(lost)));
-                }
-            }
-        }
-    }
-
-    async fn record_batch(
-        &self,
-        batch: &[Job],
-    ) -> Result<Vec<Result<Ack, StoreError>>, StoreError> {
-        let mut conn = self.write.acquire().await.map_err(classify)?;
-        let mut tx = self.begin(&mut conn).await?;
-        let mut acks = Vec::with_capacity(batch.len());
-        for job in batch {
-            sqlx::raw_sql("SAVEPOINT item")
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            let ack = self.record_in(&mut tx, &job.event, &job.decision).await;
-            let undo = if ack.is_ok() {
-                "RELEASE item"
-            } else {
-                "ROLLBACK TO item; RELEASE item"
-            };
-            sqlx::raw_sql(undo)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            acks.push(ack);
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(acks)
     }
 
     /// Records one event inside the caller's transaction (no commit).
@@ -941,31 +872,6 @@ struct Cause<'a> {
     event_key: Option<&'a str>,
     actor: &'a str,
     note: Option<&'a str>,
-}
-
-/// The outcome an event gets from what reconciling did.
-fn outcome_of(
-    event: &WebhookEvent,
-    decision: &Decision,
-    planned: bool,
-    entitled: bool,
-    deltas: &[Delta],
-) -> (Outcome, Option<&'static str>) {
-    if let Some(d) = deltas.first() {
-        return match d.kind {
-            Kind::Grant => (Outcome::Granted, None),
-            Kind::Restore => (Outcome::Restored, None),
-            _ => (Outcome::Revoked, None),
-        };
-    }
-    if event.event_type != SETTLED {
-        return (Outcome::Recorded, None);
-    }
-    match decision {
-        Decision::Hold(reason) if !planned => (Outcome::Held, Some(reason.as_str())),
-        _ if planned && entitled => (Outcome::AlreadyGranted, None),
-        _ => (Outcome::Recorded, None),
-    }
 }
 
 fn payer_column(payer: &Payer) -> (&'static str, &str) {
