@@ -8,7 +8,9 @@
 //! commits are durable with its defaults (`synchronous_commit = on`).
 //!
 //! Concurrency and exactly-once, enforced by the database, never by process memory:
-//! - SQLite has one writer connection, so write transactions are serialised.
+//! - SQLite admits one writer at a time: webhook events go through the group-commit
+//!   writer thread ([`super::sqlite_writer`]); reviews and spends use one sqlx writer
+//!   connection; both take the write lock with `BEGIN IMMEDIATE` and wait on it.
 //! - PostgreSQL serialises the transactions of one payment with a transaction-scoped
 //!   advisory lock on its id (and one payer's spends on the payer), so each sees the
 //!   others' events before reconciling. Ledger appends take one more advisory lock, held
