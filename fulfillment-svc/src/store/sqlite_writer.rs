@@ -66,16 +66,31 @@ impl Writer {
         commits: Arc<watch::Sender<i64>>,
     ) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(error)?;
+        // Checkpoints run on their own thread (below), not inside a batch's commit, where
+        // they would stall every caller waiting on that batch.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+             PRAGMA wal_autocheckpoint = 0;",
         )
         .map_err(error)?;
         conn.busy_timeout(Duration::from_secs(2)).map_err(error)?;
+        let checkpointer = Connection::open(path).map_err(error)?;
+        checkpointer
+            .busy_timeout(Duration::from_secs(2))
+            .map_err(error)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let (jobs, queue) = mpsc::channel(4 * BATCH);
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || run(conn, queue, policy, &commits))
+            .spawn(move || {
+                run(conn, queue, policy, &commits);
+                drop(stop);
+            })
             .map_err(|e| StoreError::Setup(format!("starting the ledger writer: {e}")))?;
+        std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || checkpoint(&checkpointer, &stopped))
+            .map_err(|e| StoreError::Setup(format!("starting the WAL checkpointer: {e}")))?;
         Ok(Self { jobs })
     }
 
@@ -96,6 +111,20 @@ impl Writer {
         self.jobs.send(job).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+}
+
+/// Copies the WAL back into the database every `CHECKPOINT_EVERY` while the writer runs.
+/// PASSIVE never blocks the writer; a final TRUNCATE runs when it stops.
+fn checkpoint(conn: &Connection, stopped: &std::sync::mpsc::Receiver<()>) {
+    const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stopped.recv_timeout(CHECKPOINT_EVERY)
+    {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn run(
