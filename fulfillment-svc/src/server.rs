@@ -208,7 +208,10 @@ impl Server {
                 ),
                 api_auth,
             ))
-            .serve_with_incoming_shutdown(TcpIncoming::from(self.listener).with_nodelay(Some(true)), draining);
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                draining,
+            );
         tracing::info!(%addr, admin = %admin_addr, "fulfillment-svc listening");
 
         let grace = self.config.shutdown_grace();
