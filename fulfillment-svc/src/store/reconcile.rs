@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use coinflow_shared::proto::v1::{Outcome, WebhookEvent};
 
 use crate::catalog::Grant;
-use crate::decision::{Decision, SETTLED};
+use crate::decision::{Decision, GrantPlan, SETTLED};
+use crate::lifecycle::{ChargebackPolicy, Facts};
 
 /// The kinds of ledger entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +87,7 @@ pub fn deltas(target: &[Grant], current: &BTreeMap<String, Held>) -> Vec<Delta> 
 }
 
 /// The outcome an event gets from what reconciling did.
-pub fn outcome_of(
+fn outcome_of(
     event: &WebhookEvent,
     decision: &Decision,
     planned: bool,
@@ -107,6 +108,83 @@ pub fn outcome_of(
         Decision::Hold(reason) if !planned => (Outcome::Held, Some(reason.as_str())),
         _ if planned && entitled => (Outcome::AlreadyGranted, None),
         _ => (Outcome::Recorded, None),
+    }
+}
+
+/// What a payment has on record before an event is recorded (without the event).
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// The facts of its recorded events.
+    pub facts: Facts,
+    /// A review rejected it.
+    pub rejected: bool,
+    /// Its plan, if priced.
+    pub plan: Option<GrantPlan>,
+    /// What its ledger entries add up to, per sku.
+    pub current: BTreeMap<String, Held>,
+}
+
+/// What recording one event does; each backend writes it.
+#[derive(Debug)]
+pub struct Effect {
+    /// The event's outcome.
+    pub outcome: Outcome,
+    /// Why it is held.
+    pub held_reason: Option<&'static str>,
+    /// The payment's plan after this event.
+    pub plan: Option<GrantPlan>,
+    /// Whether `plan` is new (priced by this event) and must be stored.
+    pub new_plan: bool,
+    /// The ledger entries to append for the payment.
+    pub deltas: Vec<Delta>,
+}
+
+/// Decides what recording `event` does, given what its payment has on record (`None`
+/// for an event without a payment id). The one place both backends take this from.
+pub fn apply(
+    event: &WebhookEvent,
+    decision: &Decision,
+    stored: Option<Stored>,
+    policy: ChargebackPolicy,
+) -> Effect {
+    let Some(mut stored) = stored else {
+        let (outcome, held_reason) = match decision {
+            Decision::Hold(reason) => (Outcome::Held, Some(reason.as_str())),
+            _ => (Outcome::Recorded, None),
+        };
+        return Effect {
+            outcome,
+            held_reason,
+            plan: None,
+            new_plan: false,
+            deltas: Vec::new(),
+        };
+    };
+    stored
+        .facts
+        .add(&event.event_type, event.refund_status.as_deref());
+    let mut new_plan = false;
+    if stored.plan.is_none()
+        && !stored.rejected
+        && let Decision::Grant(plan) = decision
+    {
+        stored.plan = Some(plan.clone());
+        new_plan = true;
+    }
+    let entitled = stored.facts.entitled(policy);
+    let target: &[Grant] = match &stored.plan {
+        Some(p) if entitled => &p.grants,
+        _ => &[],
+    };
+    let deltas = deltas(target, &stored.current);
+    let (outcome, held_reason) =
+        outcome_of(event, decision, stored.plan.is_some(), entitled, &deltas);
+    Effect {
+        outcome,
+        held_reason,
+        plan: stored.plan,
+        new_plan,
+        deltas,
     }
 }
 

@@ -26,7 +26,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use coinflow_shared::proto::v1::{LedgerEntry, Outcome, RecordedEvent, WebhookEvent};
+use coinflow_shared::proto::v1::{LedgerEntry, RecordedEvent, WebhookEvent};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr};
@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::reconcile::{Delta, Held, Kind, deltas, outcome_of};
+use super::reconcile::{Delta, Held, Kind, Stored, apply, deltas};
 use super::sqlite_writer::Writer;
 use super::{
     Ack, HeldPayment, LedgerFilter, Payer, PaymentRecord, Resolution, Resolved, Spend, Spent,
@@ -448,37 +448,17 @@ impl Core {
         }
 
         let now = micros(SystemTime::now());
-        let mut plan_to_insert = None;
-        let mut effect = None;
-        let (outcome, held_reason) = match &event.payment_id {
-            None => match decision {
-                Decision::Hold(reason) => (Outcome::Held, Some(reason.as_str())),
-                _ => (Outcome::Recorded, None),
-            },
-            Some(payment_id) => {
-                let mut facts = load_facts(tx, payment_id).await?;
-                facts.add(&event.event_type, event.refund_status.as_deref());
-                let rejected = review_of(tx, payment_id).await?.as_deref() == Some("rejected");
-                let mut plan = load_plan(tx, payment_id).await?;
-                if plan.is_none()
-                    && !rejected
-                    && let Decision::Grant(new) = decision
-                {
-                    plan = Some(new.clone());
-                    plan_to_insert = Some(new);
-                }
-                let entitled = facts.entitled(self.policy);
-                let target: &[Grant] = match &plan {
-                    Some(p) if entitled => &p.grants,
-                    _ => &[],
-                };
-                let current = load_held(tx, payment_id).await?;
-                let deltas = deltas(target, &current);
-                let result = outcome_of(event, decision, plan.is_some(), entitled, &deltas);
-                effect = plan.map(|p| (p, deltas));
-                result
-            }
+        let stored = match &event.payment_id {
+            None => None,
+            Some(payment_id) => Some(Stored {
+                facts: load_facts(tx, payment_id).await?,
+                rejected: review_of(tx, payment_id).await?.as_deref() == Some("rejected"),
+                plan: load_plan(tx, payment_id).await?,
+                current: load_held(tx, payment_id).await?,
+            }),
         };
+        let effect = apply(event, decision, stored, self.policy);
+        let (outcome, held_reason) = (effect.outcome, effect.held_reason);
 
         let received = event
             .received_at
@@ -506,24 +486,24 @@ impl Core {
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        if let Some(plan) = plan_to_insert {
-            insert_plan(tx, plan, "catalog", now).await?;
-        }
         let mut written = Vec::new();
-        if let Some((plan, deltas)) = &effect {
+        if let Some(plan) = &effect.plan {
+            if effect.new_plan {
+                insert_plan(tx, plan, "catalog", now).await?;
+            }
             let cause = Cause {
                 event_key: Some(&event.event_key),
                 actor: "coinflow",
                 note: None,
             };
-            written = self.append(tx, plan, deltas, &cause, now).await?;
+            written = self.append(tx, plan, &effect.deltas, &cause, now).await?;
         }
         Ok(Ack {
             outcome,
             held_reason: held_reason.map(str::to_owned),
             duplicate: false,
             entries: written,
-            item: effect.map(|(plan, _)| plan.item),
+            item: effect.plan.map(|plan| plan.item),
         })
     }
 

@@ -8,20 +8,19 @@
 //! more than SQLite's own work (see BENCHMARKS.md). The decisions are the same pure
 //! functions the PostgreSQL path uses (`Facts`, `reconcile`); only the SQL plumbing differs.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use coinflow_shared::proto::v1::{LedgerEntry, Outcome, WebhookEvent};
+use coinflow_shared::proto::v1::{LedgerEntry, WebhookEvent};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::reconcile::{Delta, Held, deltas, outcome_of};
+use super::reconcile::{Delta, Held, Stored, apply};
 use super::{Ack, StoreError, micros, outcome_from_name, outcome_name, timestamp};
 use crate::catalog::Grant;
 use crate::decision::{Decision, GrantPlan};
-use crate::lifecycle::{ChargebackPolicy, Facts};
+use crate::lifecycle::ChargebackPolicy;
 
 /// The most events one group commit takes.
 pub const BATCH: usize = 256;
@@ -215,76 +214,12 @@ fn record_in(
         });
     }
     let now = micros(SystemTime::now());
-    let mut plan_to_insert = None;
-    let mut effect = None;
-    let (outcome, held_reason) = match &event.payment_id {
-        None => match decision {
-            Decision::Hold(reason) => (Outcome::Held, Some(reason.as_str())),
-            _ => (Outcome::Recorded, None),
-        },
-        Some(payment_id) => {
-            let mut facts = Facts::default();
-            {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT event_type, refund_status FROM events WHERE payment_id = ?1",
-                    )
-                    .map_err(error)?;
-                let mut rows = stmt.query([payment_id]).map_err(error)?;
-                while let Some(row) = rows.next().map_err(error)? {
-                    let (t, s): (String, Option<String>) =
-                        (row.get(0).map_err(error)?, row.get(1).map_err(error)?);
-                    facts.add(&t, s.as_deref());
-                }
-            }
-            facts.add(&event.event_type, event.refund_status.as_deref());
-            let rejected = conn
-                .prepare_cached("SELECT decision FROM reviews WHERE payment_id = ?1")
-                .and_then(|mut s| {
-                    s.query_row([payment_id], |r| r.get::<_, String>(0))
-                        .optional()
-                })
-                .map_err(error)?
-                .as_deref()
-                == Some("rejected");
-            let mut plan = load_plan(conn, payment_id)?;
-            if plan.is_none()
-                && !rejected
-                && let Decision::Grant(new) = decision
-            {
-                plan = Some(new.clone());
-                plan_to_insert = Some(new);
-            }
-            let entitled = facts.entitled(policy);
-            let target: &[Grant] = match &plan {
-                Some(p) if entitled => &p.grants,
-                _ => &[],
-            };
-            let mut current = BTreeMap::new();
-            {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT sku, SUM(quantity) FROM ledger
-                         WHERE payment_id = ?1 AND kind IN ('grant', 'revoke', 'restore') GROUP BY sku",
-                    )
-                    .map_err(error)?;
-                let mut rows = stmt.query([payment_id]).map_err(error)?;
-                while let Some(row) = rows.next().map_err(error)? {
-                    current.insert(
-                        row.get::<_, String>(0).map_err(error)?,
-                        Held {
-                            net: row.get(1).map_err(error)?,
-                            touched: true,
-                        },
-                    );
-                }
-            }
-            let deltas = deltas(target, &current);
-            let result = outcome_of(event, decision, plan.is_some(), entitled, &deltas);
-            effect = plan.map(|p| (p, deltas));
-            result
-        }
+    let stored = match &event.payment_id {
+        None => None,
+        Some(payment_id) => Some(load_stored(conn, payment_id)?),
     };
+    let effect = apply(event, decision, stored, policy);
+    let (outcome, held_reason) = (effect.outcome, effect.held_reason);
     let received = event
         .received_at
         .and_then(|t| SystemTime::try_from(t).ok())
@@ -312,27 +247,80 @@ fn record_in(
         ])
     })
     .map_err(error)?;
-    if let Some(plan) = plan_to_insert {
-        let grants = serde_json::to_string(&plan.grants)
-            .map_err(|e| StoreError::Setup(format!("encoding plan: {e}")))?;
-        conn.prepare_cached(
-            "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, raw_customer_id, recorded_at_us)
-             VALUES (?1, 'catalog', ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut s| s.execute(params![plan.payment_id, plan.item, plan.catalog_version, grants, plan.wallet, plan.raw_customer_id, now]))
-        .map_err(error)?;
-    }
     let mut entries = Vec::new();
-    if let Some((plan, deltas)) = &effect {
-        entries = append(conn, plan, deltas, &event.event_key, now)?;
+    if let Some(plan) = &effect.plan {
+        if effect.new_plan {
+            let grants = serde_json::to_string(&plan.grants)
+                .map_err(|e| StoreError::Setup(format!("encoding plan: {e}")))?;
+            conn.prepare_cached(
+                "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, raw_customer_id, recorded_at_us)
+                 VALUES (?1, 'catalog', ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    plan.payment_id,
+                    plan.item,
+                    plan.catalog_version,
+                    grants,
+                    plan.wallet,
+                    plan.raw_customer_id,
+                    now
+                ])
+            })
+            .map_err(error)?;
+        }
+        entries = append(conn, plan, &effect.deltas, &event.event_key, now)?;
     }
     Ok(Ack {
         outcome,
         held_reason: held_reason.map(str::to_owned),
         duplicate: false,
         entries,
-        item: effect.map(|(plan, _)| plan.item),
+        item: effect.plan.map(|plan| plan.item),
     })
+}
+
+/// What a payment has on record: its events' facts, review, plan and ledger sums.
+fn load_stored(conn: &Connection, payment_id: &str) -> Result<Stored, StoreError> {
+    let mut stored = Stored::default();
+    {
+        let mut stmt = conn
+            .prepare_cached("SELECT event_type, refund_status FROM events WHERE payment_id = ?1")
+            .map_err(error)?;
+        let mut rows = stmt.query([payment_id]).map_err(error)?;
+        while let Some(row) = rows.next().map_err(error)? {
+            let (t, s): (String, Option<String>) =
+                (row.get(0).map_err(error)?, row.get(1).map_err(error)?);
+            stored.facts.add(&t, s.as_deref());
+        }
+    }
+    stored.rejected = conn
+        .prepare_cached("SELECT decision FROM reviews WHERE payment_id = ?1")
+        .and_then(|mut s| {
+            s.query_row([payment_id], |r| r.get::<_, String>(0))
+                .optional()
+        })
+        .map_err(error)?
+        .as_deref()
+        == Some("rejected");
+    stored.plan = load_plan(conn, payment_id)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT sku, SUM(quantity) FROM ledger
+             WHERE payment_id = ?1 AND kind IN ('grant', 'revoke', 'restore') GROUP BY sku",
+        )
+        .map_err(error)?;
+    let mut rows = stmt.query([payment_id]).map_err(error)?;
+    while let Some(row) = rows.next().map_err(error)? {
+        stored.current.insert(
+            row.get::<_, String>(0).map_err(error)?,
+            Held {
+                net: row.get(1).map_err(error)?,
+                touched: true,
+            },
+        );
+    }
+    Ok(stored)
 }
 
 fn load_plan(conn: &Connection, payment_id: &str) -> Result<Option<GrantPlan>, StoreError> {
