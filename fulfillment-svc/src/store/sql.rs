@@ -2,10 +2,13 @@
 //! PostgreSQL (several replicas sharing one ledger), one implementation over sqlx's `Any`
 //! driver, chosen by the URL scheme. Queries use `$n` placeholders, which both accept.
 //!
-//! Durability: SQLite runs in WAL mode with `synchronous = FULL`. In WAL mode `NORMAL`
-//! survives a killed process but may lose the last commits on power loss or an OS crash;
-//! a 200 to Coinflow cannot be taken back, so every commit fsyncs the WAL. PostgreSQL
-//! commits are durable with its defaults (`synchronous_commit = on`).
+//! Durability: SQLite runs in WAL mode. In WAL mode `synchronous = NORMAL` survives a
+//! killed process but may lose the last commits on power loss or an OS crash; a 200 to
+//! Coinflow cannot be taken back, so no commit is acked before the WAL is fsynced. The
+//! sqlx writer connection (reviews, spends) commits with `synchronous = FULL`; the webhook
+//! writer commits with `NORMAL` and fsyncs the WAL itself before it answers, off its
+//! commit path ([`super::sqlite_writer`]). PostgreSQL commits are durable with its
+//! defaults (`synchronous_commit = on`).
 //!
 //! Concurrency and exactly-once, enforced by the database, never by process memory:
 //! - SQLite admits one writer at a time: webhook events go through the group-commit
@@ -138,8 +141,12 @@ const LEDGER_COLUMNS: &str = "seq, payment_id, kind, sku, quantity, wallet, raw_
      item, event_key, recorded_at_us, catalog_version, actor, note";
 
 /// The first held event of each payment still waiting for review (no plan, no review).
+/// `h.outcome =
+/// e.outcome` (not `= 'held'`) keeps SQLite on `events_by_payment` for the inner lookup:
+/// through the partial index `events_held` it scanned every held event for each one, which
+/// made the queue gauge quadratic in the queue's size.
 const HELD: &str = "e.outcome = 'held' AND e.payment_id IS NOT NULL \
-     AND e.seq = (SELECT MIN(seq) FROM events h WHERE h.payment_id = e.payment_id AND h.outcome = 'held') \
+     AND NOT EXISTS (SELECT 1 FROM events h WHERE h.payment_id = e.payment_id AND h.outcome = e.outcome AND h.seq < e.seq) \
      AND NOT EXISTS (SELECT 1 FROM plans p WHERE p.payment_id = e.payment_id) \
      AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.payment_id = e.payment_id)";
 
