@@ -1085,3 +1085,37 @@ impl Store for SqlStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::HELD;
+
+    /// The review queue's query must stay linear in the queue's size: each held event's
+    /// "is it the payment's first?" lookup goes through `events_by_payment`.
+    #[test]
+    fn the_held_query_looks_up_each_payment_by_index() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(include_str!("../../migrations/sqlite/0001_ledger.sql"))
+            .unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM events e WHERE {HELD}"
+            ))
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("SEARCH h USING INDEX events_by_payment")),
+            "{plan:#?}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|step| step.contains("SEARCH h USING INDEX events_held")),
+            "{plan:#?}"
+        );
+    }
+}
