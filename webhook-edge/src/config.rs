@@ -67,8 +67,11 @@ pub struct Config {
     /// The most a whole request may take before 503, in milliseconds (Coinflow waits 5 s).
     #[arg(long, env = "EDGE_REQUEST_TIMEOUT_MS", default_value_t = 4500)]
     pub request_timeout_ms: u64,
-    /// Requests handled at once; more are shed with 503 at once.
-    #[arg(long, env = "EDGE_MAX_CONCURRENCY", default_value_t = 512)]
+    /// Requests handled at once; more are shed with 503 at once. Each one in flight holds
+    /// about 64 KiB (its connection's buffers, the body, the encoded gRPC request), so the
+    /// default bounds the edge near 20 MiB under overload while leaving several times the
+    /// in-flight count a 2-core pipeline sustains (BENCHMARKS.md).
+    #[arg(long, env = "EDGE_MAX_CONCURRENCY", default_value_t = 128)]
     pub max_concurrency: usize,
     /// The `Retry-After` sent with 503, in seconds.
     #[arg(long, env = "EDGE_RETRY_AFTER_SECS", default_value_t = 5)]
@@ -134,7 +137,7 @@ impl Config {
             header_timeout_ms: 5000,
             body_timeout_ms: 2000,
             request_timeout_ms: 4500,
-            max_concurrency: 512,
+            max_concurrency: 128,
             retry_after_secs: 5,
             shutdown_grace_secs: 20,
         }

@@ -201,7 +201,6 @@ async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)
         &[
             ("COINFLOW_WEBHOOK_KEYS", KEY),
             ("EDGE_INGEST_TOKEN", "bench-ingest"),
-            ("EDGE_MAX_CONCURRENCY", "4096"),
         ],
     )
     .await?;
