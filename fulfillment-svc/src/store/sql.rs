@@ -111,8 +111,15 @@ pub fn redact(url: &str) -> String {
 #[derive(Debug)]
 pub struct SqlStore {
     core: Arc<Core>,
-    /// SQLite's group-commit writer; `None` on PostgreSQL.
-    batcher: Option<Writer>,
+    /// The group-commit write path for webhook events.
+    batcher: Batcher,
+}
+
+/// Each backend's group-commit write path for webhook events.
+#[derive(Debug)]
+enum Batcher {
+    Sqlite(Writer),
+    Postgres(pg_batch::Batcher),
 }
 
 /// What every write path needs.
@@ -282,12 +289,12 @@ impl SqlStore {
             commits: Arc::new(watch::Sender::new(last)),
         });
         let batcher = match backend {
-            Backend::Sqlite => Some(Writer::start(
+            Backend::Sqlite => Batcher::Sqlite(Writer::start(
                 &sqlite_path(url),
                 policy,
                 Arc::clone(&core.commits),
             )?),
-            Backend::Postgres => None,
+            Backend::Postgres => Batcher::Postgres(pg_batch::Batcher::start(&core)),
         };
         Ok(Self { core, batcher })
     }
@@ -310,8 +317,8 @@ impl SqlStore {
         decision: &Decision,
     ) -> Result<Ack, StoreError> {
         match &self.batcher {
-            Some(writer) => writer.record(event, decision).await,
-            None => self.core.record_once(event, decision).await,
+            Batcher::Sqlite(writer) => writer.record(event, decision).await,
+            Batcher::Postgres(batcher) => batcher.record(event, decision).await,
         }
     }
 }
@@ -375,43 +382,87 @@ impl Core {
         cause: &Cause<'_>,
         now: i64,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        if deltas.is_empty() {
-            return Ok(Vec::new());
+        let mut written = self
+            .append_many(
+                conn,
+                &[Appending {
+                    plan,
+                    deltas,
+                    cause,
+                    now,
+                }],
+            )
+            .await?;
+        Ok(written.pop().unwrap_or_default())
+    }
+
+    /// Appends each item's deltas for its payment (at most one item per payment), in one
+    /// statement, numbered after each payment's last entry; returns each item's entries.
+    async fn append_many(
+        &self,
+        conn: &mut AnyConnection,
+        items: &[Appending<'_>],
+    ) -> Result<Vec<Vec<LedgerEntry>>, StoreError> {
+        let mut written: Vec<Vec<LedgerEntry>> = items.iter().map(|_| Vec::new()).collect();
+        let rows: usize = items.iter().map(|i| i.deltas.len()).sum();
+        if rows == 0 {
+            return Ok(written);
         }
         self.lock_appends(&mut *conn).await?;
-        let mut entry_no: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(MAX(entry_no), 0) AS BIGINT) FROM ledger WHERE payment_id = $1",
-        )
-        .bind(&plan.payment_id)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(classify)?;
-        let mut written = Vec::with_capacity(deltas.len());
-        for d in deltas {
-            entry_no += 1;
-            let row = sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet,
-                    raw_customer_id, item, catalog_version, event_key, actor, note, recorded_at_us)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                 RETURNING {LEDGER_COLUMNS}"
-            )))
-            .bind(&plan.payment_id)
-            .bind(entry_no)
-            .bind(d.kind.as_str())
-            .bind(&d.sku)
-            .bind(d.quantity)
-            .bind(&plan.wallet)
-            .bind(&plan.raw_customer_id)
-            .bind(&plan.item)
-            .bind(&plan.catalog_version)
-            .bind(cause.event_key)
-            .bind(cause.actor)
-            .bind(cause.note)
-            .bind(now)
-            .fetch_one(&mut *conn)
+        const COLUMNS: usize = 13;
+        let values = (0..rows)
+            .map(|r| {
+                let p = |c: usize| format!("${}", r * COLUMNS + c);
+                format!(
+                    "({}, (SELECT COALESCE(MAX(entry_no), 0) FROM ledger WHERE payment_id = {}) + {}, {})",
+                    p(1),
+                    p(1),
+                    p(2),
+                    (3..=COLUMNS).map(p).collect::<Vec<_>>().join(", ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet,
+                raw_customer_id, item, catalog_version, event_key, actor, note, recorded_at_us)
+             VALUES {values} RETURNING {LEDGER_COLUMNS}"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for item in items {
+            for (k, d) in (1_i64..).zip(item.deltas) {
+                query = query
+                    .bind(&item.plan.payment_id)
+                    .bind(k)
+                    .bind(d.kind.as_str())
+                    .bind(&d.sku)
+                    .bind(d.quantity)
+                    .bind(&item.plan.wallet)
+                    .bind(&item.plan.raw_customer_id)
+                    .bind(&item.plan.item)
+                    .bind(&item.plan.catalog_version)
+                    .bind(item.cause.event_key)
+                    .bind(item.cause.actor)
+                    .bind(item.cause.note)
+                    .bind(item.now);
+            }
+        }
+        let mut entries = query
+            .fetch_all(&mut *conn)
             .await
+            .map_err(classify)?
+            .iter()
+            .map(ledger_entry)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(classify)?;
-            written.push(ledger_entry(&row).map_err(classify)?);
+        entries.sort_by_key(|e| e.seq);
+        for entry in entries {
+            if let Some(i) = items
+                .iter()
+                .position(|i| i.plan.payment_id == entry.payment_id)
+            {
+                written[i].push(entry);
+            }
         }
         Ok(written)
     }
@@ -439,19 +490,32 @@ impl Core {
         if let Some(payment_id) = &event.payment_id {
             self.lock(tx, payment_id).await?;
         }
+        let prepared = self.prepare(tx, event, decision).await?;
+        let mut acks = self.finish(tx, vec![prepared]).await?;
+        acks.pop()
+            .ok_or_else(|| StoreError::Setup("recording an event returned no ack".into()))
+    }
+
+    /// Records `event` up to its ledger entries: the payment's lock must be held already.
+    async fn prepare(
+        &self,
+        tx: &mut AnyConnection,
+        event: &WebhookEvent,
+        decision: &Decision,
+    ) -> Result<Prepared, StoreError> {
         let existing = sqlx::query("SELECT outcome, held_reason FROM events WHERE event_key = $1")
             .bind(&event.event_key)
             .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?;
         if let Some(row) = existing {
-            return Ok(Ack {
+            return Ok(Prepared::done(Ack {
                 outcome: outcome_from_name(row.try_get(0).map_err(classify)?),
                 held_reason: row.try_get(1).map_err(classify)?,
                 duplicate: true,
                 entries: Vec::new(),
                 item: None,
-            });
+            }));
         }
 
         let now = micros(SystemTime::now());
@@ -493,25 +557,63 @@ impl Core {
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
-        let mut written = Vec::new();
-        if let Some(plan) = &effect.plan {
-            if effect.new_plan {
-                insert_plan(tx, plan, "catalog", now).await?;
-            }
-            let cause = Cause {
-                event_key: Some(&event.event_key),
+        if let Some(plan) = &effect.plan
+            && effect.new_plan
+        {
+            insert_plan(tx, plan, "catalog", now).await?;
+        }
+        Ok(Prepared {
+            ack: Ack {
+                outcome,
+                held_reason: held_reason.map(str::to_owned),
+                duplicate: false,
+                entries: Vec::new(),
+                item: effect.plan.as_ref().map(|plan| plan.item.clone()),
+            },
+            append: effect.plan.map(|plan| (plan, effect.deltas)),
+            event_key: event.event_key.clone(),
+            now,
+        })
+    }
+
+    /// Appends what [`Core::prepare`] decided to the ledger (at most one prepared event
+    /// per payment) and returns each event's ack.
+    async fn finish(
+        &self,
+        tx: &mut AnyConnection,
+        prepared: Vec<Prepared>,
+    ) -> Result<Vec<Ack>, StoreError> {
+        let causes: Vec<Cause<'_>> = prepared
+            .iter()
+            .map(|p| Cause {
+                event_key: Some(&p.event_key),
                 actor: "coinflow",
                 note: None,
-            };
-            written = self.append(tx, plan, &effect.deltas, &cause, now).await?;
+            })
+            .collect();
+        let (owners, items): (Vec<usize>, Vec<Appending<'_>>) = prepared
+            .iter()
+            .zip(&causes)
+            .enumerate()
+            .filter_map(|(i, (p, cause))| {
+                let (plan, deltas) = p.append.as_ref()?;
+                Some((
+                    i,
+                    Appending {
+                        plan,
+                        deltas,
+                        cause,
+                        now: p.now,
+                    },
+                ))
+            })
+            .unzip();
+        let written = self.append_many(tx, &items).await?;
+        let mut acks: Vec<Ack> = prepared.into_iter().map(|p| p.ack).collect();
+        for (i, entries) in owners.into_iter().zip(written) {
+            acks[i].entries = entries;
         }
-        Ok(Ack {
-            outcome,
-            held_reason: held_reason.map(str::to_owned),
-            duplicate: false,
-            entries: written,
-            item: effect.plan.map(|plan| plan.item),
-        })
+        Ok(acks)
     }
 
     async fn resolve_once(
@@ -716,6 +818,8 @@ macro_rules! retrying {
     }};
 }
 
+mod pg_batch;
+
 async fn after_conflict(tries: u32, e: sqlx::Error) -> Result<(), StoreError> {
     if tries >= MAX_ATTEMPTS {
         return Err(StoreError::Unavailable(e));
@@ -857,6 +961,33 @@ async fn review_of(
 }
 
 /// Who wrote an entry, and why.
+/// An event recorded up to its ledger entries.
+struct Prepared {
+    ack: Ack,
+    append: Option<(GrantPlan, Vec<Delta>)>,
+    event_key: String,
+    now: i64,
+}
+
+impl Prepared {
+    fn done(ack: Ack) -> Self {
+        Self {
+            ack,
+            append: None,
+            event_key: String::new(),
+            now: 0,
+        }
+    }
+}
+
+/// One payment's entries for [`Core::append_many`].
+struct Appending<'a> {
+    plan: &'a GrantPlan,
+    deltas: &'a [Delta],
+    cause: &'a Cause<'a>,
+    now: i64,
+}
+
 struct Cause<'a> {
     event_key: Option<&'a str>,
     actor: &'a str,

@@ -1,0 +1,173 @@
+//! PostgreSQL's write path for webhook events: group commit. A few workers each take what
+//! is queued (up to [`BATCH`] events, at most one per payment) and record it in one
+//! transaction: the payments' locks in sorted order, every event up to its ledger entries,
+//! then the ledger-append lock and every event's entries, one commit, and only then the
+//! answers. The append lock is held from the first entry to the commit, so `seq` order
+//! stays commit order; taking it last keeps that window short and lets the workers overlap
+//! the rest. If anything in a batch fails (a race lost to another replica, a bad row), the
+//! batch rolls back and each of its events is recorded in a transaction of its own (a lost
+//! race comes back as a conflict, which [`super::SqlStore`] retries), so one event's error
+//! stays its own.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
+
+use coinflow_shared::proto::v1::WebhookEvent;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::{Core, StoreError, classify};
+use crate::decision::Decision;
+use crate::store::Ack;
+
+/// The most events one transaction takes.
+pub const BATCH: usize = 64;
+
+/// Transactions in flight at once, each on its own pooled connection.
+const WORKERS: usize = 8;
+
+/// One event waiting for a worker.
+#[derive(Debug)]
+struct Job {
+    event: WebhookEvent,
+    decision: Decision,
+    reply: oneshot::Sender<Result<Ack, StoreError>>,
+}
+
+/// The handle to the workers; dropping it stops them once the queue is empty.
+#[derive(Debug)]
+pub struct Batcher {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the workers on the current tokio runtime.
+    pub fn start(core: &Arc<Core>) -> Self {
+        let (jobs, queue) = mpsc::channel(4 * BATCH);
+        let intake = Arc::new(Mutex::new(Intake {
+            queue,
+            carried: VecDeque::new(),
+        }));
+        for _ in 0..WORKERS {
+            tokio::spawn(work(Arc::clone(core), Arc::clone(&intake)));
+        }
+        Self { jobs }
+    }
+
+    /// Records `event`, waiting for the transaction it joins to commit.
+    pub async fn record(
+        &self,
+        event: &WebhookEvent,
+        decision: &Decision,
+    ) -> Result<Ack, StoreError> {
+        let stopped =
+            || StoreError::Unavailable(sqlx::Error::Protocol("the ledger batcher stopped".into()));
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            event: event.clone(),
+            decision: decision.clone(),
+            reply,
+        };
+        self.jobs.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// The queue, and the events held back because their payment was already in a batch.
+struct Intake {
+    queue: mpsc::Receiver<Job>,
+    carried: VecDeque<Job>,
+}
+
+impl Intake {
+    /// The next batch: carried events first, then what is queued, at most one event per
+    /// payment (a second one waits for the next batch, so that it sees the first's
+    /// ledger entries). `None` once the queue is closed and empty.
+    async fn next(&mut self) -> Option<Vec<Job>> {
+        if self.carried.is_empty() {
+            let first = self.queue.recv().await?;
+            self.carried.push_back(first);
+        }
+        while self.carried.len() < BATCH {
+            match self.queue.try_recv() {
+                Ok(job) => self.carried.push_back(job),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Vec::with_capacity(self.carried.len());
+        let mut payments = HashSet::new();
+        let mut rest = VecDeque::new();
+        for job in self.carried.drain(..) {
+            let fits = batch.len() < BATCH
+                && job
+                    .event
+                    .payment_id
+                    .as_ref()
+                    .is_none_or(|p| payments.insert(p.clone()));
+            if fits {
+                batch.push(job);
+            } else {
+                rest.push_back(job);
+            }
+        }
+        self.carried = rest;
+        Some(batch)
+    }
+}
+
+async fn work(core: Arc<Core>, intake: Arc<Mutex<Intake>>) {
+    loop {
+        let Some(batch) = intake.lock().await.next().await else {
+            return;
+        };
+        match record_batch(&core, &batch).await {
+            Ok(acks) => {
+                for (job, ack) in batch.into_iter().zip(acks) {
+                    core.notify(&ack.entries);
+                    let _ = job.reply.send(Ok(ack));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, events = batch.len(),
+                    "batch rolled back; recording its events one by one");
+                for job in batch {
+                    let core = Arc::clone(&core);
+                    tokio::spawn(async move {
+                        let ack = core.record_once(&job.event, &job.decision).await;
+                        let _ = job.reply.send(ack);
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn record_batch(core: &Core, jobs: &[Job]) -> Result<Vec<Ack>, StoreError> {
+    let mut conn = core.write.acquire().await.map_err(classify)?;
+    let mut tx = core.begin(&mut conn).await?;
+    let payments: BTreeSet<&str> = jobs
+        .iter()
+        .filter_map(|j| j.event.payment_id.as_deref())
+        .collect();
+    if !payments.is_empty() {
+        // One round trip; a VALUES list is scanned, and its locks taken, in order.
+        let rows = (1..=payments.len())
+            .map(|i| format!("(${i})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM (VALUES {rows}) AS v(k)"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for payment in &payments {
+            query = query.bind(*payment);
+        }
+        query.execute(&mut *tx).await.map_err(classify)?;
+    }
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        prepared.push(core.prepare(&mut tx, &job.event, &job.decision).await?);
+    }
+    let acks = core.finish(&mut tx, prepared).await?;
+    tx.commit().await.map_err(classify)?;
+    Ok(acks)
+}
