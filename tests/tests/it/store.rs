@@ -173,3 +173,54 @@ async fn a_database_that_was_not_migrated_is_refused_with_what_to_do() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_event_that_fails_fails_alone_among_concurrent_ones() {
+    let db = TestDb::new().await;
+    let (store, catalog) = open(&db).await;
+    // A plan that cannot be read makes recording any event of that payment fail, whichever
+    // group commit it joins.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, recorded_at_us)
+         VALUES ('p-corrupt', 'catalog', 'sword', 'v1', 'not json', 'w', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let tasks = (0..40).map(|i| {
+        let payment = if i % 10 == 5 {
+            "p-corrupt".to_owned()
+        } else {
+            format!("p-fine-{i}")
+        };
+        let ev = proto(event(
+            "Settled",
+            &payment,
+            "sword",
+            500,
+            &format!("2026-01-01T00:00:{i:02}Z"),
+        ));
+        let decision = decide(&ev, &catalog);
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { (payment, store.record(&ev, &decision).await) })
+    });
+    for (payment, result) in futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+    {
+        if payment == "p-corrupt" {
+            assert!(result.is_err(), "{payment}: {result:?}");
+        } else {
+            let ack = result.unwrap_or_else(|e| panic!("{payment}: {e}"));
+            assert_eq!((ack.outcome, ack.entries.len()), (Outcome::Granted, 1));
+        }
+    }
+    let events: i64 = sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 36);
+}
