@@ -561,6 +561,30 @@ mod tests {
         (event, decision)
     }
 
+    #[tokio::test]
+    async fn after_a_failed_wal_sync_nothing_is_acked() {
+        let (dir, conn) = migrated();
+        drop(conn);
+        let path = dir.path().join("ledger.db");
+        let commits = Arc::new(watch::Sender::new(0));
+        let writer = Writer::start(&path, ChargebackPolicy::default(), commits).unwrap();
+        let (event, decision) = event_and_decision("p-before");
+        assert_eq!(
+            writer.record(&event, &decision).await.unwrap().outcome,
+            Outcome::Granted
+        );
+        // The syncer can no longer reach the WAL: its next sync fails.
+        std::fs::rename(dir.path().join("ledger.db-wal"), dir.path().join("moved")).unwrap();
+        for i in 0..3 {
+            let (event, decision) = event_and_decision(&format!("p-after-{i}"));
+            let answer = writer.record(&event, &decision).await;
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(_))),
+                "{i}: {answer:?}"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_rewinds_under_sustained_writes() {
         let (dir, conn) = migrated();
