@@ -960,7 +960,6 @@ async fn review_of(
         .map_err(classify)
 }
 
-/// Who wrote an entry, and why.
 /// An event recorded up to its ledger entries.
 struct Prepared {
     ack: Ack,
@@ -988,6 +987,7 @@ struct Appending<'a> {
     now: i64,
 }
 
+/// Who wrote an entry, and why.
 struct Cause<'a> {
     event_key: Option<&'a str>,
     actor: &'a str,
