@@ -24,12 +24,12 @@
 //!   writer that loses a race gets a unique violation, and the whole transaction is
 //!   retried: it then sees what won and returns that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use coinflow_shared::proto::v1::{LedgerEntry, RecordedEvent, WebhookEvent};
+use coinflow_shared::proto::v1::{LedgerEntry, Outcome, RecordedEvent, WebhookEvent};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr};
@@ -490,90 +490,88 @@ impl Core {
         if let Some(payment_id) = &event.payment_id {
             self.lock(tx, payment_id).await?;
         }
-        let prepared = self.prepare(tx, event, decision).await?;
-        let mut acks = self.finish(tx, vec![prepared]).await?;
+        let prepared = self.prepare(tx, &[(event, decision)]).await?;
+        let mut acks = self.finish(tx, prepared).await?;
         acks.pop()
             .ok_or_else(|| StoreError::Setup("recording an event returned no ack".into()))
     }
 
-    /// Records `event` up to its ledger entries: the payment's lock must be held already.
+    /// Records events up to their ledger entries, with a few statements for all of them:
+    /// their payments' locks must be held already, and no two may share a payment or an
+    /// event key.
     async fn prepare(
         &self,
         tx: &mut AnyConnection,
-        event: &WebhookEvent,
-        decision: &Decision,
-    ) -> Result<Prepared, StoreError> {
-        let existing = sqlx::query("SELECT outcome, held_reason FROM events WHERE event_key = $1")
-            .bind(&event.event_key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if let Some(row) = existing {
-            return Ok(Prepared::done(Ack {
-                outcome: outcome_from_name(row.try_get(0).map_err(classify)?),
-                held_reason: row.try_get(1).map_err(classify)?,
-                duplicate: true,
-                entries: Vec::new(),
-                item: None,
-            }));
+        events: &[(&WebhookEvent, &Decision)],
+    ) -> Result<Vec<Prepared>, StoreError> {
+        let keys: Vec<&str> = events.iter().map(|(e, _)| e.event_key.as_str()).collect();
+        let mut existing: HashMap<String, (String, Option<String>)> = HashMap::new();
+        for row in fetch_in(
+            tx,
+            "SELECT event_key, outcome, held_reason FROM events WHERE event_key IN",
+            &keys,
+            "",
+        )
+        .await?
+        {
+            existing.insert(
+                row.try_get(0).map_err(classify)?,
+                (
+                    row.try_get(1).map_err(classify)?,
+                    row.try_get(2).map_err(classify)?,
+                ),
+            );
         }
+        let payments: Vec<&str> = events
+            .iter()
+            .filter(|(e, _)| !existing.contains_key(&e.event_key))
+            .filter_map(|(e, _)| e.payment_id.as_deref())
+            .collect();
+        let mut stored = load_stored(tx, &payments).await?;
 
         let now = micros(SystemTime::now());
-        let stored = match &event.payment_id {
-            None => None,
-            Some(payment_id) => Some(Stored {
-                facts: load_facts(tx, payment_id).await?,
-                rejected: review_of(tx, payment_id).await?.as_deref() == Some("rejected"),
-                plan: load_plan(tx, payment_id).await?,
-                current: load_held(tx, payment_id).await?,
-            }),
-        };
-        let effect = apply(event, decision, stored, self.policy);
-        let (outcome, held_reason) = (effect.outcome, effect.held_reason);
-
-        let received = event
-            .received_at
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .map_or(now, micros);
-        sqlx::query(
-            "INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet,
-                raw_customer_id, refund_status, outcome, held_reason, received_at_us,
-                recorded_at_us, raw_body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&event.event_key)
-        .bind(&event.event_type)
-        .bind(&event.category)
-        .bind(&event.created_raw)
-        .bind(&event.payment_id)
-        .bind(&event.wallet)
-        .bind(&event.raw_customer_id)
-        .bind(&event.refund_status)
-        .bind(outcome_name(outcome))
-        .bind(held_reason)
-        .bind(received)
-        .bind(now)
-        .bind(event.raw_body.to_vec())
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        if let Some(plan) = &effect.plan
-            && effect.new_plan
-        {
-            insert_plan(tx, plan, "catalog", now).await?;
+        let mut prepared = Vec::with_capacity(events.len());
+        let mut new_events = Vec::new();
+        let mut new_plans = Vec::new();
+        for &(event, decision) in events {
+            if let Some((outcome, held_reason)) = existing.remove(&event.event_key) {
+                prepared.push(Prepared::done(Ack {
+                    outcome: outcome_from_name(&outcome),
+                    held_reason,
+                    duplicate: true,
+                    entries: Vec::new(),
+                    item: None,
+                }));
+                continue;
+            }
+            let payment = event
+                .payment_id
+                .as_ref()
+                .map(|p| stored.remove(p).unwrap_or_default());
+            let effect = apply(event, decision, payment, self.policy);
+            new_events.push((event, effect.outcome, effect.held_reason));
+            if effect.new_plan
+                && let Some(plan) = &effect.plan
+            {
+                new_plans.push(plan.clone());
+            }
+            prepared.push(Prepared {
+                ack: Ack {
+                    outcome: effect.outcome,
+                    held_reason: effect.held_reason.map(str::to_owned),
+                    duplicate: false,
+                    entries: Vec::new(),
+                    item: effect.plan.as_ref().map(|plan| plan.item.clone()),
+                },
+                append: effect.plan.map(|plan| (plan, effect.deltas)),
+                event_key: event.event_key.clone(),
+                now,
+            });
         }
-        Ok(Prepared {
-            ack: Ack {
-                outcome,
-                held_reason: held_reason.map(str::to_owned),
-                duplicate: false,
-                entries: Vec::new(),
-                item: effect.plan.as_ref().map(|plan| plan.item.clone()),
-            },
-            append: effect.plan.map(|plan| (plan, effect.deltas)),
-            event_key: event.event_key.clone(),
-            now,
-        })
+        insert_events(tx, &new_events, now).await?;
+        let new_plans: Vec<&GrantPlan> = new_plans.iter().collect();
+        insert_plans(tx, &new_plans, "catalog", now).await?;
+        Ok(prepared)
     }
 
     /// Appends what [`Core::prepare`] decided to the ledger (at most one prepared event
@@ -893,24 +891,53 @@ async fn insert_plan(
     source: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    let grants = serde_json::to_string(&plan.grants)
-        .map_err(|e| StoreError::Setup(format!("encoding plan: {e}")))?;
-    sqlx::query(
+    insert_plans(conn, &[plan], source, now).await
+}
+
+/// Inserts `plans` in one statement.
+async fn insert_plans(
+    conn: &mut AnyConnection,
+    plans: &[&GrantPlan],
+    source: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    if plans.is_empty() {
+        return Ok(());
+    }
+    let mut query = sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet,
-            raw_customer_id, recorded_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(&plan.payment_id)
-    .bind(source)
-    .bind(&plan.item)
-    .bind(&plan.catalog_version)
-    .bind(grants)
-    .bind(&plan.wallet)
-    .bind(&plan.raw_customer_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(classify)?;
+            raw_customer_id, recorded_at_us) VALUES {}",
+        placeholders(plans.len(), 8)
+    )));
+    for plan in plans {
+        let grants = serde_json::to_string(&plan.grants)
+            .map_err(|e| StoreError::Setup(format!("encoding plan: {e}")))?;
+        query = query
+            .bind(&plan.payment_id)
+            .bind(source)
+            .bind(&plan.item)
+            .bind(&plan.catalog_version)
+            .bind(grants)
+            .bind(&plan.wallet)
+            .bind(&plan.raw_customer_id)
+            .bind(now);
+    }
+    query.execute(&mut *conn).await.map_err(classify)?;
     Ok(())
+}
+
+/// `($1, ..., $columns), ...` for `rows` rows of a multi-row `VALUES`.
+fn placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let row = (1..=columns)
+                .map(|c| format!("${}", r * columns + c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({row})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn event_types(
@@ -958,6 +985,148 @@ async fn review_of(
         .fetch_optional(&mut *conn)
         .await
         .map_err(classify)
+}
+
+/// `sql` followed by ` ($1, ..., $n)` for `values`, then `tail`; nothing for no values.
+async fn fetch_in(
+    conn: &mut AnyConnection,
+    sql: &str,
+    values: &[&str],
+    tail: &str,
+) -> Result<Vec<AnyRow>, StoreError> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list = placeholders(1, values.len());
+    let mut query = sqlx::query(AssertSqlSafe(format!("{sql} {list} {tail}")));
+    for value in values {
+        query = query.bind(*value);
+    }
+    query.fetch_all(&mut *conn).await.map_err(classify)
+}
+
+/// What each of `payments` has on record: its events' facts, review, plan and ledger sums
+/// (the default for a payment with nothing yet).
+async fn load_stored(
+    conn: &mut AnyConnection,
+    payments: &[&str],
+) -> Result<HashMap<String, Stored>, StoreError> {
+    let mut stored: HashMap<String, Stored> = payments
+        .iter()
+        .map(|p| ((*p).to_owned(), Stored::default()))
+        .collect();
+    fn entry<'s>(
+        stored: &'s mut HashMap<String, Stored>,
+        row: &AnyRow,
+    ) -> Result<&'s mut Stored, StoreError> {
+        let payment: String = row.try_get(0).map_err(classify)?;
+        Ok(stored.entry(payment).or_default())
+    }
+    for row in fetch_in(
+        conn,
+        "SELECT payment_id, event_type, refund_status FROM events WHERE payment_id IN",
+        payments,
+        "",
+    )
+    .await?
+    {
+        let (t, status): (String, Option<String>) = (
+            row.try_get(1).map_err(classify)?,
+            row.try_get(2).map_err(classify)?,
+        );
+        entry(&mut stored, &row)?.facts.add(&t, status.as_deref());
+    }
+    for row in fetch_in(
+        conn,
+        "SELECT payment_id, decision FROM reviews WHERE payment_id IN",
+        payments,
+        "",
+    )
+    .await?
+    {
+        let decision: String = row.try_get(1).map_err(classify)?;
+        entry(&mut stored, &row)?.rejected = decision == "rejected";
+    }
+    for row in fetch_in(
+        conn,
+        "SELECT payment_id, item, catalog_version, grants, wallet, raw_customer_id FROM plans \
+         WHERE payment_id IN",
+        payments,
+        "",
+    )
+    .await?
+    {
+        let payment_id: String = row.try_get(0).map_err(classify)?;
+        let grants: String = row.try_get(3).map_err(classify)?;
+        let grants: Vec<Grant> = serde_json::from_str(&grants)
+            .map_err(|e| StoreError::Setup(format!("corrupt plan for {payment_id}: {e}")))?;
+        entry(&mut stored, &row)?.plan = Some(GrantPlan {
+            item: row.try_get(1).map_err(classify)?,
+            catalog_version: row.try_get(2).map_err(classify)?,
+            grants,
+            wallet: row.try_get(4).map_err(classify)?,
+            raw_customer_id: row.try_get(5).map_err(classify)?,
+            payment_id,
+        });
+    }
+    for row in fetch_in(
+        conn,
+        "SELECT payment_id, sku, CAST(SUM(quantity) AS BIGINT) FROM ledger \
+         WHERE kind IN ('grant', 'revoke', 'restore') AND payment_id IN",
+        payments,
+        "GROUP BY payment_id, sku",
+    )
+    .await?
+    {
+        let (sku, net): (String, i64) = (
+            row.try_get(1).map_err(classify)?,
+            row.try_get(2).map_err(classify)?,
+        );
+        entry(&mut stored, &row)?
+            .current
+            .insert(sku, Held { net, touched: true });
+    }
+    Ok(stored)
+}
+
+/// Inserts `events` with their outcomes in one statement.
+async fn insert_events(
+    conn: &mut AnyConnection,
+    events: &[(&WebhookEvent, Outcome, Option<&str>)],
+    now: i64,
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let values = placeholders(events.len(), 13);
+    let mut query = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet,
+            raw_customer_id, refund_status, outcome, held_reason, received_at_us,
+            recorded_at_us, raw_body)
+         VALUES {values}"
+    )));
+    for &(event, outcome, held_reason) in events {
+        let received = event
+            .received_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map_or(now, micros);
+        query = query
+            .bind(&event.event_key)
+            .bind(&event.event_type)
+            .bind(&event.category)
+            .bind(&event.created_raw)
+            .bind(&event.payment_id)
+            .bind(&event.wallet)
+            .bind(&event.raw_customer_id)
+            .bind(&event.refund_status)
+            .bind(outcome_name(outcome))
+            .bind(held_reason)
+            .bind(received)
+            .bind(now)
+            .bind(event.raw_body.to_vec());
+    }
+    query.execute(&mut *conn).await.map_err(classify)?;
+    Ok(())
 }
 
 /// An event recorded up to its ledger entries.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use coinflow_shared::proto::v1::WebhookEvent;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{Core, StoreError, classify};
+use super::{Core, StoreError, classify, placeholders};
 use crate::decision::Decision;
 use crate::store::Ack;
 
@@ -80,8 +80,8 @@ struct Intake {
 
 impl Intake {
     /// The next batch: carried events first, then what is queued, at most one event per
-    /// payment (a second one waits for the next batch, so that it sees the first's
-    /// ledger entries). `None` once the queue is closed and empty.
+    /// payment, or per event key for events without one (a second one waits for the next
+    /// batch, so that it sees the first). `None` once the queue is closed and empty.
     async fn next(&mut self) -> Option<Vec<Job>> {
         if self.carried.is_empty() {
             let first = self.queue.recv().await?;
@@ -94,15 +94,15 @@ impl Intake {
             }
         }
         let mut batch = Vec::with_capacity(self.carried.len());
-        let mut payments = HashSet::new();
+        let mut keys = HashSet::new();
         let mut rest = VecDeque::new();
         for job in self.carried.drain(..) {
-            let fits = batch.len() < BATCH
-                && job
-                    .event
-                    .payment_id
-                    .as_ref()
-                    .is_none_or(|p| payments.insert(p.clone()));
+            let key = job
+                .event
+                .payment_id
+                .as_ref()
+                .unwrap_or(&job.event.event_key);
+            let fits = batch.len() < BATCH && keys.insert(key.clone());
             if fits {
                 batch.push(job);
             } else {
@@ -150,12 +150,9 @@ async fn record_batch(core: &Core, jobs: &[Job]) -> Result<Vec<Ack>, StoreError>
         .collect();
     if !payments.is_empty() {
         // One round trip; a VALUES list is scanned, and its locks taken, in order.
-        let rows = (1..=payments.len())
-            .map(|i| format!("(${i})"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let sql = format!(
-            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM (VALUES {rows}) AS v(k)"
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM (VALUES {}) AS v(k)",
+            placeholders(payments.len(), 1)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for payment in &payments {
@@ -163,10 +160,8 @@ async fn record_batch(core: &Core, jobs: &[Job]) -> Result<Vec<Ack>, StoreError>
         }
         query.execute(&mut *tx).await.map_err(classify)?;
     }
-    let mut prepared = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        prepared.push(core.prepare(&mut tx, &job.event, &job.decision).await?);
-    }
+    let events: Vec<_> = jobs.iter().map(|j| (&j.event, &j.decision)).collect();
+    let prepared = core.prepare(&mut tx, &events).await?;
     let acks = core.finish(&mut tx, prepared).await?;
     tx.commit().await.map_err(classify)?;
     Ok(acks)
