@@ -1,9 +1,11 @@
-//! SQLite's write path for webhook events, in two threads:
+//! SQLite's write path for webhook events, in three threads:
 //!
 //! - the **writer** owns a `rusqlite` connection and group-commits whatever is queued (up
 //!   to [`BATCH`] events) in one `BEGIN IMMEDIATE` transaction;
 //! - the **syncer** makes committed batches durable with one `fdatasync` of the WAL for
-//!   every batch committed since its last one, and only then answers their callers.
+//!   every batch committed since its last one, and only then answers their callers;
+//! - the **checkpointer** copies the WAL back into the database and, when it has grown,
+//!   has the writer rewind it between two batches.
 //!
 //! No caller hears "recorded" before its batch is on disk. The writer commits with
 //! `synchronous = NORMAL` (WAL frames written, not yet synced; SQLite stays consistent
