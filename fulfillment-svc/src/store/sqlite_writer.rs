@@ -41,6 +41,9 @@ use crate::lifecycle::ChargebackPolicy;
 /// The most events one group commit takes.
 pub const BATCH: usize = 256;
 
+/// How long a statement waits for a lock another connection holds.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// WAL frames after which the WAL is rewound (16 MiB of 4 KiB pages).
 const REWIND_AT: i64 = 4_096;
 
@@ -100,11 +103,9 @@ impl Writer {
              PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;",
         )
         .map_err(error)?;
-        conn.busy_timeout(Duration::from_secs(2)).map_err(error)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
         let checkpointer = Connection::open(path).map_err(error)?;
-        checkpointer
-            .busy_timeout(Duration::from_secs(2))
-            .map_err(error)?;
+        checkpointer.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let wal = PathBuf::from(wal);
@@ -176,10 +177,8 @@ fn write(
     rewind: &AtomicBool,
 ) {
     while let Some(first) = queue.blocking_recv() {
-        if rewind.swap(false, Ordering::Relaxed)
-            && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
-        {
-            tracing::warn!(error = %e, "rewinding the WAL failed");
+        if rewind.swap(false, Ordering::Relaxed) {
+            rewind_wal(&conn);
         }
         let mut jobs = Vec::with_capacity(BATCH.min(queue.len() + 1));
         jobs.push(first);
@@ -209,6 +208,24 @@ fn write(
                 }
             }
         }
+    }
+}
+
+/// Rewinds the WAL (RESTART). That waits for readers still on an older snapshot; rather
+/// than hold up ingest behind a slow reader it gives up after `WAIT`, and the checkpointer
+/// asks again after its next pass.
+fn rewind_wal(conn: &Connection) {
+    const WAIT: Duration = Duration::from_millis(20);
+    let rewound = conn.busy_timeout(WAIT).and_then(|()| {
+        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+    });
+    if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+        tracing::warn!(error = %e, "restoring the writer's busy timeout");
+    }
+    match rewound {
+        Ok(0) => {}
+        Ok(_) => tracing::debug!("WAL rewind postponed: a reader is on an older snapshot"),
+        Err(e) => tracing::warn!(error = %e, "rewinding the WAL failed"),
     }
 }
 
