@@ -11,6 +11,7 @@
 //!   same entry fails on `UNIQUE (payment_id, entry_no)` instead of doubling it.
 //! - Events, plans, reviews and ledger rows are never updated or deleted.
 
+mod queue;
 pub mod reconcile;
 pub mod sql;
 mod sqlite_writer;

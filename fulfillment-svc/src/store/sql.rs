@@ -24,7 +24,7 @@
 //!   writer that loses a race gets a unique violation, and the whole transaction is
 //!   retried: it then sees what won and returns that.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
@@ -325,13 +325,7 @@ impl SqlStore {
 
 impl Core {
     fn notify(&self, entries: &[LedgerEntry]) {
-        if let Some(last) = entries.iter().map(|e| e.seq).max() {
-            self.commits.send_if_modified(|seq| {
-                let newer = last > *seq;
-                *seq = (*seq).max(last);
-                newer
-            });
-        }
+        super::queue::notify(&self.commits, entries);
     }
 
     /// Begins a write transaction. SQLite takes the write lock at once (`IMMEDIATE`), so a
@@ -347,16 +341,23 @@ impl Core {
         conn.begin_with(statement).await.map_err(classify)
     }
 
-    /// Serialises this transaction with every other one holding `key` (PostgreSQL; SQLite
-    /// has a single writer already).
-    async fn lock(&self, conn: &mut AnyConnection, key: &str) -> Result<(), StoreError> {
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(key)
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?;
+    /// Serialises this transaction with every other one holding any of `keys` (PostgreSQL;
+    /// SQLite has a single writer already). The locks are taken in one round trip, in
+    /// sorted order (a VALUES list is scanned in order), so two transactions taking
+    /// several never deadlock.
+    async fn lock(&self, conn: &mut AnyConnection, keys: &[&str]) -> Result<(), StoreError> {
+        let keys: BTreeSet<&str> = keys.iter().copied().collect();
+        if self.backend != Backend::Postgres || keys.is_empty() {
+            return Ok(());
         }
+        let mut query = sqlx::query(AssertSqlSafe(format!(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM (VALUES {}) AS v(k)",
+            placeholders(keys.len(), 1)
+        )));
+        for key in keys {
+            query = query.bind(key);
+        }
+        query.execute(&mut *conn).await.map_err(classify)?;
         Ok(())
     }
 
@@ -488,7 +489,7 @@ impl Core {
         decision: &Decision,
     ) -> Result<Ack, StoreError> {
         if let Some(payment_id) = &event.payment_id {
-            self.lock(tx, payment_id).await?;
+            self.lock(tx, &[payment_id]).await?;
         }
         let prepared = self.prepare(tx, &[(event, decision)]).await?;
         let mut acks = self.finish(tx, prepared).await?;
@@ -627,7 +628,7 @@ impl Core {
         };
         let mut conn = self.write.acquire().await.map_err(classify)?;
         let mut tx = self.begin(&mut conn).await?;
-        self.lock(&mut tx, payment_id).await?;
+        self.lock(&mut tx, &[payment_id]).await?;
         if let Some(done) = review_of(&mut tx, payment_id).await? {
             return if done == decision {
                 Ok(Resolved {
@@ -733,7 +734,8 @@ impl Core {
         );
         let mut conn = self.write.acquire().await.map_err(classify)?;
         let mut tx = self.begin(&mut conn).await?;
-        self.lock(&mut tx, &format!("payer:{column}:{key}")).await?;
+        self.lock(&mut tx, &[&format!("payer:{column}:{key}")])
+            .await?;
         let existing = sqlx::query(AssertSqlSafe(format!(
             "SELECT {LEDGER_COLUMNS} FROM ledger WHERE idempotency_key = $1"
         )))

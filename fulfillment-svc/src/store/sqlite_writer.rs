@@ -30,8 +30,9 @@ use std::time::{Duration, SystemTime};
 
 use coinflow_shared::proto::v1::{LedgerEntry, WebhookEvent};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
+use super::queue::{self, Job, Queue, fill, notify, unavailable};
 use super::reconcile::{Delta, Held, Stored, apply};
 use super::{Ack, StoreError, micros, outcome_from_name, outcome_name, timestamp};
 use crate::catalog::Grant;
@@ -47,14 +48,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 /// WAL frames after which the WAL is rewound (16 MiB of 4 KiB pages).
 const REWIND_AT: i64 = 4_096;
 
-/// One event waiting for the writer.
-#[derive(Debug)]
-struct Job {
-    event: WebhookEvent,
-    decision: Decision,
-    reply: oneshot::Sender<Result<Ack, StoreError>>,
-}
-
 /// A committed batch waiting for its WAL to be synced.
 struct Committed {
     jobs: Vec<Job>,
@@ -64,7 +57,7 @@ struct Committed {
 /// The handle to the writer thread; dropping the last one stops it.
 #[derive(Debug)]
 pub struct Writer {
-    jobs: mpsc::Sender<Job>,
+    queue: Queue,
 }
 
 fn error(e: rusqlite::Error) -> StoreError {
@@ -83,10 +76,6 @@ fn error(e: rusqlite::Error) -> StoreError {
         }
         _ => StoreError::Internal(why),
     }
-}
-
-fn unavailable(why: String) -> StoreError {
-    StoreError::Unavailable(sqlx::Error::Protocol(why))
 }
 
 impl Writer {
@@ -110,7 +99,7 @@ impl Writer {
         wal.push("-wal");
         let wal = PathBuf::from(wal);
         let (stop, stopped) = std_mpsc::channel::<()>();
-        let (jobs, queue) = mpsc::channel(4 * BATCH);
+        let (jobs, queue) = queue::channel(4 * BATCH);
         let (to_sync, committed) = std_mpsc::channel();
         let rewind = Arc::new(AtomicBool::new(false));
         let rewind_wanted = Arc::clone(&rewind);
@@ -129,7 +118,7 @@ impl Writer {
             .name("ledger-checkpoint".into())
             .spawn(move || checkpoint(&checkpointer, &stopped, &rewind))
             .map_err(|e| StoreError::Setup(format!("starting the WAL checkpointer: {e}")))?;
-        Ok(Self { jobs })
+        Ok(Self { queue: jobs })
     }
 
     /// Records `event`, waiting for the batch it joins to commit and reach the disk.
@@ -138,15 +127,7 @@ impl Writer {
         event: &WebhookEvent,
         decision: &Decision,
     ) -> Result<Ack, StoreError> {
-        let stopped = || unavailable("the ledger writer stopped".into());
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            event: event.clone(),
-            decision: decision.clone(),
-            reply,
-        };
-        self.jobs.send(job).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.queue.record(event, decision).await
     }
 }
 
@@ -182,12 +163,7 @@ fn write(
         }
         let mut jobs = Vec::with_capacity(BATCH.min(queue.len() + 1));
         jobs.push(first);
-        while jobs.len() < BATCH {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+        fill(&mut jobs, &mut queue, BATCH);
         match record_batch(&mut conn, &jobs, policy) {
             Ok(acks) => {
                 if let Err(std_mpsc::SendError(lost)) = to_sync.send(Committed { jobs, acks }) {
@@ -245,19 +221,14 @@ fn sync(wal: &Path, committed: &std_mpsc::Receiver<Committed>, commits: &watch::
             }
             return;
         }
-        let last = group
-            .iter()
-            .flat_map(|c| &c.acks)
-            .filter_map(|a| a.as_ref().ok())
-            .flat_map(|a| a.entries.iter().map(|e| e.seq))
-            .max();
-        if let Some(last) = last {
-            commits.send_if_modified(|seq| {
-                let newer = last > *seq;
-                *seq = (*seq).max(last);
-                newer
-            });
-        }
+        notify(
+            commits,
+            group
+                .iter()
+                .flat_map(|c| &c.acks)
+                .filter_map(|a| a.as_ref().ok())
+                .flat_map(|a| &a.entries),
+        );
         for Committed { jobs, acks } in group {
             for (job, ack) in jobs.into_iter().zip(acks) {
                 let _ = job.reply.send(ack);
@@ -537,6 +508,7 @@ fn append(
 mod tests {
     use super::*;
     use coinflow_shared::proto::v1::Outcome;
+    use tokio::sync::oneshot;
 
     fn migrated() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();

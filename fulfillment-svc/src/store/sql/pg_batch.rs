@@ -1,6 +1,6 @@
 //! PostgreSQL's write path for webhook events: group commit. A few workers each take what
 //! is queued (up to [`BATCH`] events, at most one per payment) and record it in one
-//! transaction: the payments' locks in sorted order, every event up to its ledger entries,
+//! transaction: the payments' locks ([`Core::lock`]), every event up to its ledger entries,
 //! then the ledger-append lock and every event's entries, one commit, and only then the
 //! answers. The append lock is held from the first entry to the commit, so `seq` order
 //! stays commit order; taking it last keeps that window short and lets the workers overlap
@@ -9,15 +9,16 @@
 //! race comes back as a conflict, which [`super::SqlStore`] retries), so one event's error
 //! stays its own.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use coinflow_shared::proto::v1::WebhookEvent;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 
-use super::{Core, StoreError, classify, placeholders};
+use super::{Core, StoreError, classify};
 use crate::decision::Decision;
 use crate::store::Ack;
+use crate::store::queue::{self, Job, Queue};
 
 /// The most events one transaction takes.
 pub const BATCH: usize = 64;
@@ -25,32 +26,24 @@ pub const BATCH: usize = 64;
 /// Transactions in flight at once, each on its own pooled connection.
 const WORKERS: usize = 8;
 
-/// One event waiting for a worker.
-#[derive(Debug)]
-struct Job {
-    event: WebhookEvent,
-    decision: Decision,
-    reply: oneshot::Sender<Result<Ack, StoreError>>,
-}
-
 /// The handle to the workers; dropping it stops them once the queue is empty.
 #[derive(Debug)]
 pub struct Batcher {
-    jobs: mpsc::Sender<Job>,
+    queue: Queue,
 }
 
 impl Batcher {
     /// Starts the workers on the current tokio runtime.
     pub fn start(core: &Arc<Core>) -> Self {
-        let (jobs, queue) = mpsc::channel(4 * BATCH);
+        let (queue, waiting) = queue::channel(4 * BATCH);
         let intake = Arc::new(Mutex::new(Intake {
-            queue,
-            carried: VecDeque::new(),
+            queue: waiting,
+            carried: Vec::new(),
         }));
         for _ in 0..WORKERS {
             tokio::spawn(work(Arc::clone(core), Arc::clone(&intake)));
         }
-        Self { jobs }
+        Self { queue }
     }
 
     /// Records `event`, waiting for the transaction it joins to commit.
@@ -59,23 +52,14 @@ impl Batcher {
         event: &WebhookEvent,
         decision: &Decision,
     ) -> Result<Ack, StoreError> {
-        let stopped =
-            || StoreError::Unavailable(sqlx::Error::Protocol("the ledger batcher stopped".into()));
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            event: event.clone(),
-            decision: decision.clone(),
-            reply,
-        };
-        self.jobs.send(job).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.queue.record(event, decision).await
     }
 }
 
 /// The queue, and the events held back because their payment was already in a batch.
 struct Intake {
     queue: mpsc::Receiver<Job>,
-    carried: VecDeque<Job>,
+    carried: Vec<Job>,
 }
 
 impl Intake {
@@ -85,17 +69,12 @@ impl Intake {
     async fn next(&mut self) -> Option<Vec<Job>> {
         if self.carried.is_empty() {
             let first = self.queue.recv().await?;
-            self.carried.push_back(first);
+            self.carried.push(first);
         }
-        while self.carried.len() < BATCH {
-            match self.queue.try_recv() {
-                Ok(job) => self.carried.push_back(job),
-                Err(_) => break,
-            }
-        }
+        queue::fill(&mut self.carried, &mut self.queue, BATCH);
         let mut batch = Vec::with_capacity(self.carried.len());
         let mut keys = HashSet::new();
-        let mut rest = VecDeque::new();
+        let mut rest = Vec::new();
         for job in self.carried.drain(..) {
             let key = job
                 .event
@@ -106,7 +85,7 @@ impl Intake {
             if fits {
                 batch.push(job);
             } else {
-                rest.push_back(job);
+                rest.push(job);
             }
         }
         self.carried = rest;
@@ -144,22 +123,11 @@ async fn work(core: Arc<Core>, intake: Arc<Mutex<Intake>>) {
 async fn record_batch(core: &Core, jobs: &[Job]) -> Result<Vec<Ack>, StoreError> {
     let mut conn = core.write.acquire().await.map_err(classify)?;
     let mut tx = core.begin(&mut conn).await?;
-    let payments: BTreeSet<&str> = jobs
+    let payments: Vec<&str> = jobs
         .iter()
         .filter_map(|j| j.event.payment_id.as_deref())
         .collect();
-    if !payments.is_empty() {
-        // One round trip; a VALUES list is scanned, and its locks taken, in order.
-        let sql = format!(
-            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM (VALUES {}) AS v(k)",
-            placeholders(payments.len(), 1)
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for payment in &payments {
-            query = query.bind(*payment);
-        }
-        query.execute(&mut *tx).await.map_err(classify)?;
-    }
+    core.lock(&mut tx, &payments).await?;
     let events: Vec<_> = jobs.iter().map(|j| (&j.event, &j.decision)).collect();
     let prepared = core.prepare(&mut tx, &events).await?;
     let acks = core.finish(&mut tx, prepared).await?;
