@@ -179,24 +179,15 @@ where
             .split_once('/')
             .unwrap_or(("unknown", "unknown"));
         let (service, method) = (service.to_owned(), method.to_owned());
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = %format!("{service}/{method}"),
-            otel.kind = "server",
-            otel.status_code = Empty,
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-            rpc.grpc.status_code = Empty,
-            coinflow.event_type = Empty,
-            coinflow.category = Empty,
-            coinflow.payment_id = Empty,
-            coinflow.outcome = Empty,
-            coinflow.held_reason = Empty,
-            coinflow.duplicate = Empty,
-            coinflow.catalog_item = Empty,
-        );
-        let _ = span.set_parent(coinflow_shared::telemetry::extract(request.headers()));
+        // A batch carries the trace context of each of its events, and each event gets its
+        // server span in its own trace (see `grpc::ingest`); the call itself has none.
+        let span = if method == BATCH_METHOD {
+            tracing::Span::none()
+        } else {
+            let span = server_span(&service, &method);
+            let _ = span.set_parent(coinflow_shared::telemetry::extract(request.headers()));
+            span
+        };
         let future = self.inner.call(request).instrument(span.clone());
         let metrics = Arc::clone(&self.metrics);
         Box::pin(async move {
@@ -218,6 +209,38 @@ where
     }
 }
 
+/// The method whose calls carry several events, each with its own trace context.
+pub const BATCH_METHOD: &str = "DeliverBatch";
+
+/// A gRPC server span, with fields for what ingest learns about the event.
+pub fn server_span(service: &str, method: &str) -> tracing::Span {
+    tracing::info_span!(
+        "grpc.server",
+        otel.name = %format!("{service}/{method}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = Empty,
+        coinflow.event_type = Empty,
+        coinflow.category = Empty,
+        coinflow.payment_id = Empty,
+        coinflow.outcome = Empty,
+        coinflow.held_reason = Empty,
+        coinflow.duplicate = Empty,
+        coinflow.catalog_item = Empty,
+    )
+}
+
+/// Records a call's gRPC status code on its span.
+pub fn record_status(span: &tracing::Span, code: i64) {
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 fn grpc_status(headers: &HeaderMap) -> Option<i64> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
@@ -236,10 +259,7 @@ impl Finish {
     fn record(self) {
         // A stream dropped before its trailers (the client left) counts as CANCELLED.
         let code = self.code.unwrap_or(1);
-        self.span.record("rpc.grpc.status_code", code);
-        if code != 0 {
-            self.span.record("otel.status_code", "ERROR");
-        }
+        record_status(&self.span, code);
         self.metrics.rpc_duration.record(
             self.started.elapsed().as_secs_f64(),
             &[

@@ -9,6 +9,7 @@
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are
 //! honoured. Metrics are always readable as Prometheus text ([`prometheus_text`]).
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 
 use opentelemetry::propagation::{Extractor, Injector};
@@ -183,6 +184,20 @@ pub fn extract(headers: &http::HeaderMap) -> Context {
 pub fn inject(span: &tracing::Span, metadata: &mut tonic::metadata::MetadataMap) {
     let cx = span.context();
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+}
+
+/// `span`'s trace context as a map (`traceparent`, `tracestate`), for a message that
+/// carries the contexts of several calls.
+pub fn context_map(span: &tracing::Span) -> HashMap<String, String> {
+    let cx = span.context();
+    let mut map = HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
+    map
+}
+
+/// The trace context carried in such a map.
+pub fn extract_map(map: &HashMap<String, String>) -> Context {
+    global::get_text_map_propagator(|p| p.extract(map))
 }
 
 struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);

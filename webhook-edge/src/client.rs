@@ -4,16 +4,27 @@
 //! delivery moves on to the next one. Each delivery has one deadline, well inside
 //! Coinflow's 5 s, and every retry stays inside it; that is safe because ingest is
 //! idempotent.
+//!
+//! Events go to an endpoint in `DeliverBatch` calls: each endpoint has a few calls in
+//! flight at most, and the events that arrive meanwhile leave together in the next one.
+//! One quiet delivery is a call of its own, with no wait; under load one call carries many,
+//! which is what makes the per-call cost of gRPC (framing, syscalls, task hand-offs) small
+//! per event (see BENCHMARKS.md). Each event keeps its own deadline, result and trace. An
+//! endpoint that answers `DeliverBatch` with UNIMPLEMENTED gets `Deliver` per event.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use coinflow_shared::proto::v1::deliver_result::Result as BatchResult;
 use coinflow_shared::proto::v1::ingest_client::IngestClient;
-use coinflow_shared::proto::v1::{DeliverRequest, DeliverResponse, WebhookEvent};
+use coinflow_shared::proto::v1::{
+    BatchedEvent, DeliverBatchRequest, DeliverRequest, DeliverResponse, WebhookEvent,
+};
 use opentelemetry::KeyValue;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep, timeout_at};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -25,6 +36,14 @@ use crate::observe::Metrics;
 
 /// How long a failed endpoint is skipped.
 const COOLDOWN: Duration = Duration::from_secs(2);
+/// The most events one `DeliverBatch` call carries.
+const MAX_BATCH: usize = 64;
+/// `DeliverBatch` calls one endpoint has in flight at once.
+const IN_FLIGHT_CALLS: usize = 4;
+/// Events that may wait for a call to one endpoint.
+const QUEUED: usize = 1024;
+/// Why an event is handed back when its endpoint turned out to lack `DeliverBatch`.
+const RETRY_UNARY: &str = "the endpoint has no DeliverBatch; retrying with Deliver";
 
 /// Why a delivery was not acked.
 #[derive(Debug, thiserror::Error)]
@@ -83,15 +102,177 @@ impl Endpoints {
     }
 }
 
+/// One event waiting for its `DeliverBatch` call.
+struct Pending {
+    event: WebhookEvent,
+    trace_context: HashMap<String, String>,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<DeliverResponse, Status>>,
+}
+
+/// What every call to one endpoint needs.
+#[derive(Clone)]
+struct Caller {
+    client: IngestClient<Channel>,
+    bearer: Option<MetadataValue<Ascii>>,
+    metrics: Arc<Metrics>,
+    route: Arc<str>,
+    /// Set once the endpoint answered `DeliverBatch` with UNIMPLEMENTED.
+    unary: Arc<AtomicBool>,
+}
+
+impl Caller {
+    fn request<T>(&self, message: T, deadline: Instant) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        if let Some(bearer) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
+        request
+    }
+
+    fn observe(&self, method: &'static str, started: std::time::Instant, code: Code) {
+        self.metrics.rpc_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", "coinflow.fulfillment.v1.Ingest"),
+                KeyValue::new("rpc.method", method),
+                KeyValue::new("rpc.grpc.status_code", code as i64),
+                KeyValue::new("route", self.route.to_string()),
+            ],
+        );
+    }
+
+    /// `Deliver` of one event, for an endpoint without `DeliverBatch`.
+    async fn deliver(
+        &self,
+        event: &WebhookEvent,
+        span: &tracing::Span,
+        deadline: Instant,
+    ) -> Result<DeliverResponse, Status> {
+        let mut request = self.request(
+            DeliverRequest {
+                event: Some(event.clone()),
+            },
+            deadline,
+        );
+        coinflow_shared::telemetry::inject(span, request.metadata_mut());
+        let started = std::time::Instant::now();
+        let result = timeout_at(deadline, self.client.clone().deliver(request))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no ack before the deadline")))
+            .map(tonic::Response::into_inner);
+        self.observe(
+            "Deliver",
+            started,
+            result.as_ref().map_or_else(Status::code, |_| Code::Ok),
+        );
+        result
+    }
+
+    /// One `DeliverBatch` call; answers each event. Holds `slot` while in flight.
+    async fn deliver_batch(self, mut batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
+        batch.retain(|p| !p.reply.is_closed());
+        let Some(deadline) = batch.iter().map(|p| p.deadline).min() else {
+            return;
+        };
+        let events = batch
+            .iter_mut()
+            .map(|p| BatchedEvent {
+                event: Some(std::mem::take(&mut p.event)),
+                trace_context: std::mem::take(&mut p.trace_context),
+            })
+            .collect();
+        let request = self.request(DeliverBatchRequest { events }, deadline);
+        let started = std::time::Instant::now();
+        let result = timeout_at(deadline, self.client.clone().deliver_batch(request))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no ack before the deadline")));
+        drop(slot);
+        self.observe(
+            "DeliverBatch",
+            started,
+            result.as_ref().map_or_else(Status::code, |_| Code::Ok),
+        );
+        let results = match result {
+            Ok(response) => response.into_inner().results,
+            Err(status) => {
+                let status = if status.code() == Code::Unimplemented {
+                    tracing::info!(route = %self.route, "the ingest endpoint has no DeliverBatch: using Deliver");
+                    self.unary.store(true, Ordering::Relaxed);
+                    // ABORTED: retried at once, without setting the endpoint aside.
+                    Status::aborted(RETRY_UNARY)
+                } else {
+                    status
+                };
+                for p in batch {
+                    let _ = p.reply.send(Err(status.clone()));
+                }
+                return;
+            }
+        };
+        if results.len() != batch.len() {
+            let status = Status::internal(format!(
+                "ingest answered {} results for {} events",
+                results.len(),
+                batch.len()
+            ));
+            for p in batch {
+                let _ = p.reply.send(Err(status.clone()));
+            }
+            return;
+        }
+        for (p, result) in batch.into_iter().zip(results) {
+            let _ = p.reply.send(match result.result {
+                Some(BatchResult::Ack(ack)) => Ok(ack),
+                Some(BatchResult::Failure(f)) => Err(Status::new(Code::from(f.code), f.message)),
+                None => Err(Status::internal("ingest answered an empty result")),
+            });
+        }
+    }
+}
+
+/// Sends what waits in `queue` to the endpoint, at most [`IN_FLIGHT_CALLS`] calls at once
+/// and [`MAX_BATCH`] events per call. Ends when the endpoint is dropped.
+async fn batch(mut queue: mpsc::Receiver<Pending>, caller: Caller) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT_CALLS));
+    loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(queue.len() + 1));
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(caller.clone().deliver_batch(batch, slot));
+    }
+}
+
 struct Member {
     key: String,
-    client: IngestClient<Channel>,
     channel: Channel,
+    caller: Caller,
+    queue: mpsc::Sender<Pending>,
     down_until: Mutex<Option<Instant>>,
 }
 
 impl Member {
-    fn new(key: String, url: &str, connect_timeout: Duration) -> Result<Self, DeliverError> {
+    fn new(
+        key: String,
+        url: &str,
+        connect_timeout: Duration,
+        base: &Base,
+    ) -> Result<Self, DeliverError> {
         let channel = Endpoint::from_shared(url.to_owned())
             .map_err(|e| DeliverError::BadEndpoints(url.to_owned(), e.to_string()))?
             .connect_timeout(connect_timeout)
@@ -99,12 +280,48 @@ impl Member {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
+        let caller = Caller {
+            client: IngestClient::new(channel.clone()),
+            bearer: base.bearer.clone(),
+            metrics: Arc::clone(&base.metrics),
+            route: Arc::clone(&base.route),
+            unary: Arc::default(),
+        };
+        let (queue, waiting) = mpsc::channel(QUEUED);
+        tokio::spawn(batch(waiting, caller.clone()));
         Ok(Self {
             key,
-            client: IngestClient::new(channel.clone()),
             channel,
+            caller,
+            queue,
             down_until: Mutex::new(None),
         })
+    }
+
+    /// Delivers `event` in the endpoint's next call; `span` is the attempt's client span.
+    async fn deliver(
+        &self,
+        event: &WebhookEvent,
+        span: &tracing::Span,
+        deadline: Instant,
+    ) -> Result<DeliverResponse, Status> {
+        if self.caller.unary.load(Ordering::Relaxed) {
+            return self.caller.deliver(event, span, deadline).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            event: event.clone(),
+            trace_context: coinflow_shared::telemetry::context_map(span),
+            deadline,
+            reply,
+        };
+        self.queue
+            .send(pending)
+            .await
+            .map_err(|_| Status::unavailable("the endpoint's batcher stopped"))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable("the endpoint's call was dropped")))
     }
 
     fn down_until(&self) -> Option<Instant> {
@@ -116,21 +333,28 @@ impl Member {
     }
 }
 
-/// A client of one ingest target.
+/// What every endpoint of a target shares.
 #[derive(Clone)]
-pub struct IngestTarget {
-    name: Arc<str>,
-    members: Arc<RwLock<Vec<Arc<Member>>>>,
-    next: Arc<AtomicUsize>,
-    deadline: Duration,
+struct Base {
+    route: Arc<str>,
     bearer: Option<MetadataValue<Ascii>>,
     metrics: Arc<Metrics>,
 }
 
+/// A client of one ingest target.
+#[derive(Clone)]
+pub struct IngestTarget {
+    base: Base,
+    members: Arc<RwLock<Vec<Arc<Member>>>>,
+    next: Arc<AtomicUsize>,
+    deadline: Duration,
+}
+
 impl IngestTarget {
     /// A lazily connecting client of `endpoints`, named `name` in metrics; each delivery
-    /// gets `deadline` and, when set, `authorization: Bearer <token>`. A DNS target is
-    /// re-resolved every `resolve_every` (the task must run inside a tokio runtime).
+    /// gets `deadline` and, when set, `authorization: Bearer <token>`. It must be created
+    /// inside a tokio runtime (each endpoint has a task; a DNS target is re-resolved every
+    /// `resolve_every`).
     pub fn new(
         name: &str,
         endpoints: &Endpoints,
@@ -148,19 +372,21 @@ impl IngestTarget {
             })
             .transpose()?;
         let target = Self {
-            name: name.into(),
+            base: Base {
+                route: name.into(),
+                bearer,
+                metrics,
+            },
             members: Arc::default(),
             next: Arc::default(),
             deadline,
-            bearer,
-            metrics,
         };
         let connect_timeout = deadline.min(Duration::from_secs(1));
         match endpoints {
             Endpoints::Static(urls) => {
                 let members = urls
                     .iter()
-                    .map(|u| Member::new(u.clone(), u, connect_timeout).map(Arc::new))
+                    .map(|u| Member::new(u.clone(), u, connect_timeout, &target.base).map(Arc::new))
                     .collect::<Result<_, _>>()?;
                 *target.members.write().unwrap_or_else(|p| p.into_inner()) = members;
             }
@@ -170,6 +396,7 @@ impl IngestTarget {
                     name.clone(),
                     resolve_every,
                     connect_timeout,
+                    target.base.clone(),
                 ));
             }
         }
@@ -178,7 +405,7 @@ impl IngestTarget {
 
     /// The target's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.base.route
     }
 
     /// A channel to a live endpoint, for health checks.
@@ -219,17 +446,22 @@ impl IngestTarget {
                 }
                 continue;
             };
+            let method = if member.caller.unary.load(Ordering::Relaxed) {
+                "Deliver"
+            } else {
+                "DeliverBatch"
+            };
             let span = tracing::info_span!(
                 "grpc.client",
-                otel.name = "coinflow.fulfillment.v1.Ingest/Deliver",
+                otel.name = %format_args!("coinflow.fulfillment.v1.Ingest/{method}"),
                 otel.kind = "client",
                 otel.status_code = Empty,
                 rpc.system = "grpc",
                 rpc.service = "coinflow.fulfillment.v1.Ingest",
-                rpc.method = "Deliver",
+                rpc.method = method,
                 rpc.grpc.status_code = Empty,
                 server.address = %member.key,
-                coinflow.route = %self.name,
+                coinflow.route = %self.base.route,
             );
             // With another endpoint to fall back on, one attempt may use half the budget:
             // an endpoint that hangs (a dead peer not yet noticed) must not eat it all.
@@ -238,63 +470,46 @@ impl IngestTarget {
             } else {
                 deadline
             };
-            let mut request = tonic::Request::new(DeliverRequest {
-                event: Some(event.clone()),
-            });
-            request.set_timeout(attempt_deadline.saturating_duration_since(Instant::now()));
-            if let Some(bearer) = &self.bearer {
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-            }
-            coinflow_shared::telemetry::inject(&span, request.metadata_mut());
-            let mut client = member.client.clone();
-            let started = std::time::Instant::now();
-            let outcome = timeout_at(attempt_deadline, client.deliver(request))
-                .instrument(span.clone())
-                .await;
-            let code = match &outcome {
-                Ok(Ok(_)) => Code::Ok,
-                Ok(Err(status)) => status.code(),
-                Err(_) => Code::DeadlineExceeded,
-            };
+            let result = timeout_at(
+                attempt_deadline,
+                member.deliver(event, &span, attempt_deadline),
+            )
+            .instrument(span.clone())
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no ack before the deadline")));
+            let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
             span.record("rpc.grpc.status_code", code as i32);
             if code != Code::Ok {
                 span.record("otel.status_code", "ERROR");
             }
-            self.metrics.rpc_duration.record(
-                started.elapsed().as_secs_f64(),
-                &[
-                    KeyValue::new("rpc.system", "grpc"),
-                    KeyValue::new("rpc.service", "coinflow.fulfillment.v1.Ingest"),
-                    KeyValue::new("rpc.method", "Deliver"),
-                    KeyValue::new("rpc.grpc.status_code", code as i64),
-                    KeyValue::new("route", self.name.to_string()),
-                ],
-            );
-            match outcome {
-                Err(_) if attempt_deadline < deadline => {
+            match result {
+                Ok(response) => {
+                    member.set_down(None);
+                    return Ok(response);
+                }
+                Err(_) if code == Code::DeadlineExceeded && attempt_deadline < deadline => {
                     tracing::debug!(endpoint = %member.key, "ingest attempt timed out; trying another endpoint");
                     member.set_down(Some(Instant::now() + COOLDOWN));
                 }
-                Err(_) => return Err(DeliverError::Deadline(self.deadline)),
-                Ok(Ok(response)) => {
-                    member.set_down(None);
-                    return Ok(response.into_inner());
+                Err(_) if code == Code::DeadlineExceeded => {
+                    return Err(DeliverError::Deadline(self.deadline));
                 }
-                Ok(Err(status)) if retryable(status.code()) => {
-                    tracing::debug!(code = %status.code(), endpoint = %member.key, "ingest transient failure; retrying");
-                    if matches!(status.code(), Code::Unavailable | Code::Unknown) {
+                Err(status) if retryable(code) => {
+                    tracing::debug!(code = %code, endpoint = %member.key, "ingest transient failure; retrying");
+                    if matches!(code, Code::Unavailable | Code::Unknown) {
                         // The endpoint itself is likely gone: try the others first.
                         member.set_down(Some(Instant::now() + COOLDOWN));
                         if self.live_members() > 0 {
                             continue;
                         }
                     }
+                    if code == Code::Aborted && status.message() == RETRY_UNARY {
+                        continue;
+                    }
                     sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Ok(Err(status)) => return Err(DeliverError::Status(status)),
+                Err(status) => return Err(DeliverError::Status(status)),
             }
         }
     }
@@ -317,6 +532,7 @@ async fn resolve(
     name: String,
     every: Duration,
     connect_timeout: Duration,
+    base: Base,
 ) {
     loop {
         match tokio::net::lookup_host(&name).await {
@@ -339,6 +555,7 @@ async fn resolve(
                             key.clone(),
                             &format!("http://{addr}"),
                             connect_timeout,
+                            &base,
                         ) {
                             Ok(m) => Arc::new(m),
                             Err(e) => {

@@ -1,17 +1,28 @@
-//! `Ingest.Deliver`: decide, record durably (reconciling the payment's ledger), then ack.
+//! `Ingest.Deliver` and `Ingest.DeliverBatch`: decide, record durably (reconciling the
+//! payment's ledger), then ack. A batch's events are recorded side by side, each exactly as
+//! its own `Deliver` would be, each in its own trace.
 
 use std::sync::Arc;
 
+use coinflow_shared::proto::v1::deliver_result::Result as Outcome;
 use coinflow_shared::proto::v1::ingest_server::Ingest;
-use coinflow_shared::proto::v1::{DeliverRequest, DeliverResponse};
+use coinflow_shared::proto::v1::{
+    BatchedEvent, DeliverBatchRequest, DeliverBatchResponse, DeliverFailure, DeliverRequest,
+    DeliverResponse, DeliverResult, WebhookEvent,
+};
 use opentelemetry::KeyValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::invalid;
 use crate::catalog::CatalogHandle;
 use crate::decision::decide;
-use crate::observe::Metrics;
+use crate::observe::{BATCH_METHOD, Metrics, record_status, server_span};
 use crate::store::Store;
+
+/// The most events one `DeliverBatch` call may carry.
+pub const MAX_BATCH: usize = 256;
 
 /// The ingest service.
 pub struct IngestService {
@@ -29,18 +40,10 @@ impl IngestService {
             metrics,
         }
     }
-}
 
-#[tonic::async_trait]
-impl Ingest for IngestService {
-    async fn deliver(
-        &self,
-        request: Request<DeliverRequest>,
-    ) -> Result<Response<DeliverResponse>, Status> {
-        let event = request
-            .into_inner()
-            .event
-            .ok_or_else(|| invalid("event", "required"))?;
+    /// Records one event; the current span is the call's (or the batched event's).
+    async fn record(&self, event: Option<WebhookEvent>) -> Result<DeliverResponse, Status> {
+        let event = event.ok_or_else(|| invalid("event", "required"))?;
         if event.event_key.is_empty() {
             return Err(invalid(
                 "event.event_key",
@@ -92,10 +95,59 @@ impl Ingest for IngestService {
             duplicate = ack.duplicate,
             "event recorded"
         );
-        Ok(Response::new(DeliverResponse {
+        Ok(DeliverResponse {
             outcome: ack.outcome.into(),
             duplicate: ack.duplicate,
             held_reason: ack.held_reason,
-        }))
+        })
+    }
+
+    /// Records one event of a batch under its own server span, in its delivery's trace.
+    async fn record_batched(&self, batched: BatchedEvent) -> DeliverResult {
+        let span = server_span("coinflow.fulfillment.v1.Ingest", BATCH_METHOD);
+        let _ = span.set_parent(coinflow_shared::telemetry::extract_map(
+            &batched.trace_context,
+        ));
+        let result = self.record(batched.event).instrument(span.clone()).await;
+        let result = match result {
+            Ok(ack) => Outcome::Ack(ack),
+            Err(status) => Outcome::Failure(DeliverFailure {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            }),
+        };
+        let code = match &result {
+            Outcome::Ack(_) => 0,
+            Outcome::Failure(f) => i64::from(f.code),
+        };
+        record_status(&span, code);
+        DeliverResult {
+            result: Some(result),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        self.record(request.into_inner().event)
+            .await
+            .map(Response::new)
+    }
+
+    async fn deliver_batch(
+        &self,
+        request: Request<DeliverBatchRequest>,
+    ) -> Result<Response<DeliverBatchResponse>, Status> {
+        let events = request.into_inner().events;
+        if events.len() > MAX_BATCH {
+            return Err(invalid("events", &format!("at most {MAX_BATCH} per call")));
+        }
+        let results =
+            futures::future::join_all(events.into_iter().map(|e| self.record_batched(e))).await;
+        Ok(Response::new(DeliverBatchResponse { results }))
     }
 }

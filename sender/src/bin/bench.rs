@@ -3,6 +3,7 @@
 //! which builds the release binaries first.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -77,7 +78,50 @@ struct Proc {
     name: &'static str,
 }
 
+/// CPU seconds (user + system) that process `pid` has used, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = s.rsplit_once(')')?.1;
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: f64 = fields.next()?.parse().ok()?;
+            let stime: f64 = fields.next()?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds each thread of `pid` has used, summed by thread name.
+fn thread_cpu_secs(pid: &str) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        *by_name.entry(name.trim().to_owned()).or_insert(0.0) +=
+            cpu_secs(&format!("{pid}/task/{tid}"));
+    }
+    by_name
+}
+
 impl Proc {
+    fn cpu_secs(&self) -> f64 {
+        self.child
+            .id()
+            .map_or(0.0, |pid| cpu_secs(&pid.to_string()))
+    }
+
+    fn thread_cpu_secs(&self) -> BTreeMap<String, f64> {
+        self.child
+            .id()
+            .map(|pid| thread_cpu_secs(&pid.to_string()))
+            .unwrap_or_default()
+    }
+
     fn peak_rss_mib(&self) -> f64 {
         let Some(pid) = self.child.id() else {
             return 0.0;
@@ -221,10 +265,46 @@ fn bodies(prefix: &str, n: usize) -> Vec<Bytes> {
         .collect()
 }
 
-async fn closed(addr: SocketAddr, prefix: &str, n: usize, concurrency: usize) -> Report {
-    let sender = sender(addr);
-    sender.closed_loop(bodies(prefix, n), concurrency).await;
-    sender.report()
+/// A closed-loop measurement: the sender's report and the CPU time per event of each
+/// process (the load generator is this process).
+struct Closed {
+    report: Report,
+    cpu_us: Vec<(&'static str, f64)>,
+    /// Per process, its threads by name (a thread that appeared during the run counts
+    /// from zero).
+    threads_us: Vec<(&'static str, BTreeMap<String, f64>)>,
+}
+
+async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> Closed {
+    let sender = sender(procs[0].addr);
+    let bodies = bodies(prefix, n);
+    let before: Vec<f64> = procs.iter().map(|p| p.cpu_secs()).collect();
+    let threads_before: Vec<_> = procs.iter().map(|p| p.thread_cpu_secs()).collect();
+    let own = cpu_secs("self");
+    sender.closed_loop(bodies, concurrency).await;
+    let per_event = |secs: f64| 1e6 * secs / n as f64;
+    let threads_us = procs
+        .iter()
+        .zip(threads_before)
+        .map(|(p, before)| {
+            let mut after = p.thread_cpu_secs();
+            for (name, secs) in &mut after {
+                *secs = per_event(*secs - before.get(name).copied().unwrap_or(0.0));
+            }
+            (p.name, after)
+        })
+        .collect();
+    let mut cpu_us: Vec<(&'static str, f64)> = procs
+        .iter()
+        .zip(before)
+        .map(|(p, b)| (p.name, per_event(p.cpu_secs() - b)))
+        .collect();
+    cpu_us.push(("load generator", per_event(cpu_secs("self") - own)));
+    Closed {
+        report: sender.report(),
+        cpu_us,
+        threads_us,
+    }
 }
 
 async fn open(addr: SocketAddr, prefix: &str, rate: f64, seconds: u64) -> Report {
@@ -304,14 +384,16 @@ struct Row {
     rate_p99: Option<f64>,
     rate_achieved: Option<f64>,
     rss: Vec<(String, f64)>,
+    cpu_us: Vec<(&'static str, f64)>,
+    threads_us: Vec<(&'static str, BTreeMap<String, f64>)>,
 }
 
-fn row(name: &str, closed: &Report, rate: Option<&Report>, procs: &[&Proc]) -> Row {
+fn row(name: &str, closed: &Closed, rate: Option<&Report>, procs: &[&Proc]) -> Row {
     Row {
         name: name.to_owned(),
-        throughput: closed.throughput_per_s,
-        p50: closed.p50_ms,
-        p99: closed.p99_ms,
+        throughput: closed.report.throughput_per_s,
+        p50: closed.report.p50_ms,
+        p99: closed.report.p99_ms,
         rate_p50: rate.map(|r| r.p50_ms),
         rate_p99: rate.map(|r| r.p99_ms),
         rate_achieved: rate.map(|r| r.throughput_per_s),
@@ -319,6 +401,8 @@ fn row(name: &str, closed: &Report, rate: Option<&Report>, procs: &[&Proc]) -> R
             .iter()
             .map(|p| (p.name.to_owned(), p.peak_rss_mib()))
             .collect(),
+        cpu_us: closed.cpu_us.clone(),
+        threads_us: closed.threads_us.clone(),
     }
 }
 
@@ -330,10 +414,11 @@ async fn pipeline(
 ) -> anyhow::Result<(Row, Option<f64>)> {
     let (edge, fulfillment) = stack(url, migrate).await?;
     eprintln!("{name}: warm-up");
-    closed(edge.addr, &format!("{name}-warm"), 2000, cli.concurrency).await;
+    let procs = [&edge, &fulfillment];
+    closed(&procs, &format!("{name}-warm"), 2000, cli.concurrency).await;
     eprintln!("{name}: closed loop");
     let c = closed(
-        edge.addr,
+        &procs,
         &format!("{name}-closed"),
         cli.events,
         cli.concurrency,
@@ -347,22 +432,17 @@ async fn pipeline(
         cli.rate_seconds,
     )
     .await;
-    let r = row(name, &c, Some(&o), &[&edge, &fulfillment]);
+    let r = row(name, &c, Some(&o), &procs);
     drop((edge, fulfillment));
     let mut full = None;
     if cli.preload > 0 {
         eprintln!("{name}: pre-loading {} ledger rows", cli.preload);
         preload(url, cli.preload).await?;
         let (edge, fulfillment) = stack(url, migrate).await?;
-        closed(edge.addr, &format!("{name}-warm2"), 2000, cli.concurrency).await;
-        let f = closed(
-            edge.addr,
-            &format!("{name}-full"),
-            cli.events,
-            cli.concurrency,
-        )
-        .await;
-        full = Some(f.throughput_per_s);
+        let procs = [&edge, &fulfillment];
+        closed(&procs, &format!("{name}-warm2"), 2000, cli.concurrency).await;
+        let f = closed(&procs, &format!("{name}-full"), cli.events, cli.concurrency).await;
+        full = Some(f.report.throughput_per_s);
         drop((edge, fulfillment));
     }
     Ok((r, full))
@@ -381,8 +461,8 @@ async fn main() -> anyhow::Result<()> {
 
     let bare = start_bare().await?;
     eprintln!("bare hyper: closed loop");
-    closed(bare.addr, "bare-warm", 2000, cli.concurrency).await;
-    let c = closed(bare.addr, "bare", cli.events, cli.concurrency).await;
+    closed(&[&bare], "bare-warm", 2000, cli.concurrency).await;
+    let c = closed(&[&bare], "bare", cli.events, cli.concurrency).await;
     let o = open(bare.addr, "bare-open", cli.rate, cli.rate_seconds).await;
     rows.push(row("bare hyper (ceiling)", &c, Some(&o), &[&bare]));
     drop(bare);
@@ -431,6 +511,26 @@ async fn main() -> anyhow::Result<()> {
             r.rate_p99.unwrap_or(0.0),
             rss.join(", ")
         );
+    }
+    println!(
+        "\nCPU time per event in the closed loop, µs (user + system; 2 cores give 2,000,000 µs/s):\n"
+    );
+    for r in &rows {
+        let cpu: Vec<String> = r
+            .cpu_us
+            .iter()
+            .map(|(n, us)| format!("{n} {us:.0}"))
+            .collect();
+        let total: f64 = r.cpu_us.iter().map(|(_, us)| us).sum();
+        println!("- {}: {} (total {total:.0})", r.name, cpu.join(", "));
+        for (process, threads) in &r.threads_us {
+            let threads: Vec<String> = threads
+                .iter()
+                .filter(|(_, us)| **us >= 0.5)
+                .map(|(n, us)| format!("{n} {us:.0}"))
+                .collect();
+            println!("  - {process} by thread: {}", threads.join(", "));
+        }
     }
     for (name, f) in full {
         if let Some(f) = f {

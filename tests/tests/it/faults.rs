@@ -204,12 +204,12 @@ async fn edge_killed_mid_request_loses_and_doubles_nothing() {
 
 /// Holds the database's write lock (SQLite) or an exclusive lock on `events`
 /// (PostgreSQL) until dropped... or until `release` is called.
-struct Stall {
+pub(crate) struct Stall {
     conn: sqlx::AnyConnection,
 }
 
 impl Stall {
-    async fn begin(db: &TestDb) -> Self {
+    pub(crate) async fn begin(db: &TestDb) -> Self {
         use sqlx::Connection;
         sqlx::any::install_default_drivers();
         let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
@@ -221,7 +221,7 @@ impl Stall {
         Self { conn }
     }
 
-    async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         sqlx::raw_sql("ROLLBACK")
             .execute(&mut self.conn)
             .await

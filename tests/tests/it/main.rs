@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod batching;
 mod catalog_reload;
 mod cli;
 mod corpus;

@@ -150,11 +150,12 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
         );
     }
     // The tonic client span, then fulfillment's server span under it, then the storage
-    // transaction under that.
+    // transaction under that. The event travelled in a `DeliverBatch` call, which carries
+    // each event's own trace context.
     let client = one(
         &in_trace,
         "webhook-edge",
-        "coinflow.fulfillment.v1.Ingest/Deliver",
+        "coinflow.fulfillment.v1.Ingest/DeliverBatch",
     );
     assert_eq!(client.span.kind, 3, "CLIENT");
     assert_eq!(client.parent_id(), server.span_id());
@@ -162,13 +163,13 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
     let grpc = one(
         &in_trace,
         "fulfillment-svc",
-        "coinflow.fulfillment.v1.Ingest/Deliver",
+        "coinflow.fulfillment.v1.Ingest/DeliverBatch",
     );
     assert_eq!(grpc.span.kind, 2, "SERVER");
     assert_eq!(
         grpc.parent_id(),
         client.span_id(),
-        "joined through traceparent metadata"
+        "joined through the event's trace context"
     );
     assert_eq!(
         grpc.attr("coinflow.outcome").as_deref(),
@@ -319,7 +320,7 @@ async fn start_up_survives_a_collector_that_is_down() {
 
 /// The value of the Prometheus sample `name` whose labels include all of `labels`,
 /// summed over the series that match.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -335,7 +336,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn scrape(admin: std::net::SocketAddr) -> String {
+pub(crate) async fn scrape(admin: std::net::SocketAddr) -> String {
     let answer = Http::default()
         .get(&format!("http://{admin}/metrics"))
         .await;
@@ -432,7 +433,10 @@ async fn metrics_count_exactly_what_was_sent() {
         sample(
             &e,
             "rpc_client_duration_seconds_count",
-            &[("rpc_method", "Deliver"), ("rpc_grpc_status_code", "0")]
+            &[
+                ("rpc_method", "DeliverBatch"),
+                ("rpc_grpc_status_code", "0")
+            ]
         ),
         5.0
     );
@@ -480,7 +484,10 @@ async fn metrics_count_exactly_what_was_sent() {
         sample(
             &f,
             "rpc_server_duration_seconds_count",
-            &[("rpc_method", "Deliver"), ("rpc_grpc_status_code", "0")]
+            &[
+                ("rpc_method", "DeliverBatch"),
+                ("rpc_grpc_status_code", "0")
+            ]
         ),
         5.0
     );

@@ -43,7 +43,7 @@ async fn deliveries_served(admin: std::net::SocketAddr) -> f64 {
     text.lines()
         .filter(|l| {
             l.starts_with("rpc_server_duration_seconds_count{")
-                && l.contains("rpc_method=\"Deliver\"")
+                && l.contains("rpc_method=\"DeliverBatch\"")
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
