@@ -482,19 +482,22 @@ impl IngestTarget {
             if code != Code::Ok {
                 span.record("otel.status_code", "ERROR");
             }
+            // A call shared with other events ends at the earliest of their deadlines: an
+            // event whose own attempt still has time left tries again.
+            let timed_out = code == Code::DeadlineExceeded && Instant::now() >= attempt_deadline;
             match result {
                 Ok(response) => {
                     member.set_down(None);
                     return Ok(response);
                 }
-                Err(_) if code == Code::DeadlineExceeded && attempt_deadline < deadline => {
+                Err(_) if timed_out && attempt_deadline < deadline => {
                     tracing::debug!(endpoint = %member.key, "ingest attempt timed out; trying another endpoint");
                     member.set_down(Some(Instant::now() + COOLDOWN));
                 }
-                Err(_) if code == Code::DeadlineExceeded => {
+                Err(_) if timed_out => {
                     return Err(DeliverError::Deadline(self.deadline));
                 }
-                Err(status) if retryable(code) => {
+                Err(status) if retryable(code) || code == Code::DeadlineExceeded => {
                     tracing::debug!(code = %code, endpoint = %member.key, "ingest transient failure; retrying");
                     if matches!(code, Code::Unavailable | Code::Unknown) {
                         // The endpoint itself is likely gone: try the others first.

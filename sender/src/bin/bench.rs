@@ -42,6 +42,11 @@ struct Cli {
     /// Rows pre-loaded for the "full ledger" measurement (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     preload: u64,
+    /// Afterwards, measure this many more alternating pairs of bare hyper and the SQLite
+    /// pipeline (closed loop only) and report the median ratio: one pair is noisy on a
+    /// shared machine.
+    #[arg(long, default_value_t = 0)]
+    pairs: usize,
     /// PostgreSQL server for the PostgreSQL pipeline ("" skips it).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     postgres: String,
@@ -448,6 +453,39 @@ async fn pipeline(
     Ok((r, full))
 }
 
+/// `cli.pairs` alternating closed-loop measurements of bare hyper and the SQLite pipeline
+/// (a fresh ledger each time); the ratio of each pair, in percent.
+async fn pairs(cli: &Cli, dir: &Path) -> anyhow::Result<Vec<f64>> {
+    let mut ratios = Vec::with_capacity(cli.pairs);
+    for i in 0..cli.pairs {
+        eprintln!("pair {}/{}", i + 1, cli.pairs);
+        let bare = start_bare().await?;
+        closed(
+            &[&bare],
+            &format!("pair{i}-bare-warm"),
+            2000,
+            cli.concurrency,
+        )
+        .await;
+        let b = closed(
+            &[&bare],
+            &format!("pair{i}-bare"),
+            cli.events,
+            cli.concurrency,
+        )
+        .await;
+        drop(bare);
+        let url = format!("sqlite://{}", dir.join(format!("pair{i}.db")).display());
+        let (edge, fulfillment) = stack(&url, true).await?;
+        let procs = [&edge, &fulfillment];
+        closed(&procs, &format!("pair{i}-warm"), 2000, cli.concurrency).await;
+        let p = closed(&procs, &format!("pair{i}"), cli.events, cli.concurrency).await;
+        drop((edge, fulfillment));
+        ratios.push(100.0 * p.report.throughput_per_s / b.report.throughput_per_s);
+    }
+    Ok(ratios)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -489,6 +527,7 @@ async fn main() -> anyhow::Result<()> {
         rows.push(r);
         full.push(("PostgreSQL", f));
     }
+    let ratios = pairs(&cli, &dir).await?;
     let _ = std::fs::remove_dir_all(&dir);
 
     let bare_tp = rows[0].throughput;
@@ -544,6 +583,19 @@ async fn main() -> anyhow::Result<()> {
                 100.0 * f / empty
             );
         }
+    }
+    if !ratios.is_empty() {
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.1}%")).collect();
+        println!(
+            "\nSQLite pipeline / bare hyper over {} alternating pairs: median {:.1}% (min {:.1}%, max {:.1}%): {}",
+            ratios.len(),
+            sorted[sorted.len() / 2],
+            sorted[0],
+            sorted[sorted.len() - 1],
+            shown.join(", ")
+        );
     }
     Ok(())
 }
