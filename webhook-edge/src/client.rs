@@ -133,7 +133,19 @@ impl Caller {
         request
     }
 
-    fn observe(&self, method: &'static str, started: std::time::Instant, code: Code) {
+    /// Runs `call` until `deadline` and records it in `rpc.client.duration`.
+    async fn call<T>(
+        &self,
+        method: &'static str,
+        deadline: Instant,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
+        let result = timeout_at(deadline, call)
+            .await
+            .unwrap_or_else(|_| Err(no_ack()))
+            .map(tonic::Response::into_inner);
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics.rpc_duration.record(
             started.elapsed().as_secs_f64(),
             &[
@@ -144,6 +156,7 @@ impl Caller {
                 KeyValue::new("route", self.route.to_string()),
             ],
         );
+        result
     }
 
     /// `Deliver` of one event, for an endpoint without `DeliverBatch`.
@@ -160,17 +173,8 @@ impl Caller {
             deadline,
         );
         coinflow_shared::telemetry::inject(span, request.metadata_mut());
-        let started = std::time::Instant::now();
-        let result = timeout_at(deadline, self.client.clone().deliver(request))
+        self.call("Deliver", deadline, self.client.clone().deliver(request))
             .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no ack before the deadline")))
-            .map(tonic::Response::into_inner);
-        self.observe(
-            "Deliver",
-            started,
-            result.as_ref().map_or_else(Status::code, |_| Code::Ok),
-        );
-        result
     }
 
     /// One `DeliverBatch` call; answers each event. Holds `slot` while in flight.
@@ -187,18 +191,16 @@ impl Caller {
             })
             .collect();
         let request = self.request(DeliverBatchRequest { events }, deadline);
-        let started = std::time::Instant::now();
-        let result = timeout_at(deadline, self.client.clone().deliver_batch(request))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no ack before the deadline")));
+        let result = self
+            .call(
+                "DeliverBatch",
+                deadline,
+                self.client.clone().deliver_batch(request),
+            )
+            .await;
         drop(slot);
-        self.observe(
-            "DeliverBatch",
-            started,
-            result.as_ref().map_or_else(Status::code, |_| Code::Ok),
-        );
         let results = match result {
-            Ok(response) => response.into_inner().results,
+            Ok(response) => response.results,
             Err(status) => {
                 let status = if status.code() == Code::Unimplemented {
                     tracing::info!(route = %self.route, "the ingest endpoint has no DeliverBatch: using Deliver");
@@ -476,7 +478,7 @@ impl IngestTarget {
             )
             .instrument(span.clone())
             .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no ack before the deadline")));
+            .unwrap_or_else(|_| Err(no_ack()));
             let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
             span.record("rpc.grpc.status_code", code as i32);
             if code != Code::Ok {
@@ -579,6 +581,11 @@ async fn resolve(
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// What a call that ran out of time answers.
+fn no_ack() -> Status {
+    Status::deadline_exceeded("no ack before the deadline")
 }
 
 fn retryable(code: Code) -> bool {

@@ -37,8 +37,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::queue::Queue;
 use super::reconcile::{Delta, Held, Kind, Stored, apply, deltas};
-use super::sqlite_writer::Writer;
+use super::sqlite_writer;
 use super::{
     Ack, HeldPayment, LedgerFilter, Payer, PaymentRecord, Resolution, Resolved, Spend, Spent,
     Store, StoreError, micros, outcome_from_name, outcome_name, timestamp,
@@ -111,15 +112,8 @@ pub fn redact(url: &str) -> String {
 #[derive(Debug)]
 pub struct SqlStore {
     core: Arc<Core>,
-    /// The group-commit write path for webhook events.
-    batcher: Batcher,
-}
-
-/// Each backend's group-commit write path for webhook events.
-#[derive(Debug)]
-enum Batcher {
-    Sqlite(Writer),
-    Postgres(pg_batch::Batcher),
+    /// The backend's group-commit write path for webhook events.
+    events: Queue,
 }
 
 /// What every write path needs.
@@ -288,15 +282,13 @@ impl SqlStore {
             policy,
             commits: Arc::new(watch::Sender::new(last)),
         });
-        let batcher = match backend {
-            Backend::Sqlite => Batcher::Sqlite(Writer::start(
-                &sqlite_path(url),
-                policy,
-                Arc::clone(&core.commits),
-            )?),
-            Backend::Postgres => Batcher::Postgres(pg_batch::Batcher::start(&core)),
+        let events = match backend {
+            Backend::Sqlite => {
+                sqlite_writer::start(&sqlite_path(url), policy, Arc::clone(&core.commits))?
+            }
+            Backend::Postgres => pg_batch::start(&core),
         };
-        Ok(Self { core, batcher })
+        Ok(Self { core, events })
     }
 
     /// Applies pending migrations to `url` and returns (for the `migrate` subcommand).
@@ -316,10 +308,7 @@ impl SqlStore {
         event: &WebhookEvent,
         decision: &Decision,
     ) -> Result<Ack, StoreError> {
-        match &self.batcher {
-            Batcher::Sqlite(writer) => writer.record(event, decision).await,
-            Batcher::Postgres(batcher) => batcher.record(event, decision).await,
-        }
+        self.events.record(event, decision).await
     }
 }
 

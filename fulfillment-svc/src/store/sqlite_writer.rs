@@ -54,12 +54,6 @@ struct Committed {
     acks: Vec<Result<Ack, StoreError>>,
 }
 
-/// The handle to the writer thread; dropping the last one stops it.
-#[derive(Debug)]
-pub struct Writer {
-    queue: Queue,
-}
-
 fn error(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::{
         CannotOpen, ConstraintViolation, DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure,
@@ -78,57 +72,47 @@ fn error(e: rusqlite::Error) -> StoreError {
     }
 }
 
-impl Writer {
-    /// Opens `path` (already migrated) and starts the writer, syncer and checkpointer
-    /// threads.
-    pub fn start(
-        path: &Path,
-        policy: ChargebackPolicy,
-        commits: Arc<watch::Sender<i64>>,
-    ) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(error)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
-             PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;",
-        )
-        .map_err(error)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
-        let checkpointer = Connection::open(path).map_err(error)?;
-        checkpointer.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = PathBuf::from(wal);
-        let (stop, stopped) = std_mpsc::channel::<()>();
-        let (jobs, queue) = queue::channel(4 * BATCH);
-        let (to_sync, committed) = std_mpsc::channel();
-        let rewind = Arc::new(AtomicBool::new(false));
-        let rewind_wanted = Arc::clone(&rewind);
-        std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || {
-                write(conn, queue, policy, &to_sync, &rewind_wanted);
-                drop(stop);
-            })
-            .map_err(|e| StoreError::Setup(format!("starting the ledger writer: {e}")))?;
-        std::thread::Builder::new()
-            .name("ledger-sync".into())
-            .spawn(move || sync(&wal, &committed, &commits))
-            .map_err(|e| StoreError::Setup(format!("starting the ledger syncer: {e}")))?;
-        std::thread::Builder::new()
-            .name("ledger-checkpoint".into())
-            .spawn(move || checkpoint(&checkpointer, &stopped, &rewind))
-            .map_err(|e| StoreError::Setup(format!("starting the WAL checkpointer: {e}")))?;
-        Ok(Self { queue: jobs })
-    }
-
-    /// Records `event`, waiting for the batch it joins to commit and reach the disk.
-    pub async fn record(
-        &self,
-        event: &WebhookEvent,
-        decision: &Decision,
-    ) -> Result<Ack, StoreError> {
-        self.queue.record(event, decision).await
-    }
+/// Opens `path` (already migrated) and starts the writer, syncer and checkpointer threads.
+/// Events recorded through the returned queue are answered once their batch is committed
+/// and on disk; dropping the queue stops the threads.
+pub(super) fn start(
+    path: &Path,
+    policy: ChargebackPolicy,
+    commits: Arc<watch::Sender<i64>>,
+) -> Result<Queue, StoreError> {
+    let conn = Connection::open(path).map_err(error)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+         PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;",
+    )
+    .map_err(error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
+    let checkpointer = Connection::open(path).map_err(error)?;
+    checkpointer.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    let (stop, stopped) = std_mpsc::channel::<()>();
+    let (jobs, queue) = queue::channel(4 * BATCH);
+    let (to_sync, committed) = std_mpsc::channel();
+    let rewind = Arc::new(AtomicBool::new(false));
+    let rewind_wanted = Arc::clone(&rewind);
+    std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || {
+            write(conn, queue, policy, &to_sync, &rewind_wanted);
+            drop(stop);
+        })
+        .map_err(|e| StoreError::Setup(format!("starting the ledger writer: {e}")))?;
+    std::thread::Builder::new()
+        .name("ledger-sync".into())
+        .spawn(move || sync(&wal, &committed, &commits))
+        .map_err(|e| StoreError::Setup(format!("starting the ledger syncer: {e}")))?;
+    std::thread::Builder::new()
+        .name("ledger-checkpoint".into())
+        .spawn(move || checkpoint(&checkpointer, &stopped, &rewind))
+        .map_err(|e| StoreError::Setup(format!("starting the WAL checkpointer: {e}")))?;
+    Ok(jobs)
 }
 
 /// Copies the WAL back into the database every `CHECKPOINT_EVERY` (PASSIVE: never blocks
@@ -558,7 +542,7 @@ mod tests {
         drop(conn);
         let path = dir.path().join("ledger.db");
         let commits = Arc::new(watch::Sender::new(0));
-        let writer = Writer::start(&path, ChargebackPolicy::default(), commits).unwrap();
+        let writer = start(&path, ChargebackPolicy::default(), commits).unwrap();
         let (event, decision) = event_and_decision("p-before");
         assert_eq!(
             writer.record(&event, &decision).await.unwrap().outcome,
@@ -582,7 +566,7 @@ mod tests {
         drop(conn);
         let path = dir.path().join("ledger.db");
         let commits = Arc::new(watch::Sender::new(0));
-        let writer = Arc::new(Writer::start(&path, ChargebackPolicy::default(), commits).unwrap());
+        let writer = Arc::new(start(&path, ChargebackPolicy::default(), commits).unwrap());
         let wal = dir.path().join("ledger.db-wal");
         // The writer is never idle: 16 senders, each with its next event ready, keep batches
         // small, so each event's random index pages cost whole WAL frames; 8,000 events write

@@ -12,11 +12,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use coinflow_shared::proto::v1::WebhookEvent;
 use tokio::sync::{Mutex, mpsc};
 
 use super::{Core, StoreError, classify};
-use crate::decision::Decision;
 use crate::store::Ack;
 use crate::store::queue::{self, Job, Queue};
 
@@ -26,34 +24,19 @@ pub const BATCH: usize = 64;
 /// Transactions in flight at once, each on its own pooled connection.
 const WORKERS: usize = 8;
 
-/// The handle to the workers; dropping it stops them once the queue is empty.
-#[derive(Debug)]
-pub struct Batcher {
-    queue: Queue,
-}
-
-impl Batcher {
-    /// Starts the workers on the current tokio runtime.
-    pub fn start(core: &Arc<Core>) -> Self {
-        let (queue, waiting) = queue::channel(4 * BATCH);
-        let intake = Arc::new(Mutex::new(Intake {
-            queue: waiting,
-            carried: Vec::new(),
-        }));
-        for _ in 0..WORKERS {
-            tokio::spawn(work(Arc::clone(core), Arc::clone(&intake)));
-        }
-        Self { queue }
+/// Starts the workers on the current tokio runtime. Events recorded through the returned
+/// queue are answered once their transaction commits; dropping the queue stops the workers
+/// once it is empty.
+pub(super) fn start(core: &Arc<Core>) -> Queue {
+    let (queue, waiting) = queue::channel(4 * BATCH);
+    let intake = Arc::new(Mutex::new(Intake {
+        queue: waiting,
+        carried: Vec::new(),
+    }));
+    for _ in 0..WORKERS {
+        tokio::spawn(work(Arc::clone(core), Arc::clone(&intake)));
     }
-
-    /// Records `event`, waiting for the transaction it joins to commit.
-    pub async fn record(
-        &self,
-        event: &WebhookEvent,
-        decision: &Decision,
-    ) -> Result<Ack, StoreError> {
-        self.queue.record(event, decision).await
-    }
+    queue
 }
 
 /// The queue, and the events held back because their payment was already in a batch.
