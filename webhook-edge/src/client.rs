@@ -308,7 +308,9 @@ impl Member {
         deadline: Instant,
     ) -> Result<DeliverResponse, Status> {
         if self.caller.unary.load(Ordering::Relaxed) {
-            return self.caller.deliver(event, span, deadline).await;
+            // Boxed: tonic's unary call future is ~11 KiB, and every delivery's future
+            // would carry (and move) that space for this rare path.
+            return Box::pin(self.caller.deliver(event, span, deadline)).await;
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {

@@ -293,9 +293,12 @@ fn record_in(
         });
     }
     let now = micros(SystemTime::now());
-    let stored = match &event.payment_id {
-        None => None,
-        Some(payment_id) => Some(load_stored(conn, payment_id)?),
+    let (stored, new_payment) = match &event.payment_id {
+        None => (None, false),
+        Some(payment_id) => match load_stored(conn, payment_id)? {
+            Some(stored) => (Some(stored), false),
+            None => (Some(Stored::default()), true),
+        },
     };
     let effect = apply(event, decision, stored, policy);
     let (outcome, held_reason) = (effect.outcome, effect.held_reason);
@@ -348,7 +351,14 @@ fn record_in(
             })
             .map_err(error)?;
         }
-        entries = append(conn, plan, &effect.deltas, &event.event_key, now)?;
+        entries = append(
+            conn,
+            plan,
+            &effect.deltas,
+            &event.event_key,
+            now,
+            new_payment,
+        )?;
     }
     Ok(Ack {
         outcome,
@@ -359,9 +369,15 @@ fn record_in(
     })
 }
 
-/// What a payment has on record: its events' facts, review, plan and ledger sums.
-fn load_stored(conn: &Connection, payment_id: &str) -> Result<Stored, StoreError> {
+/// What a payment has on record: its events' facts, review, plan and ledger sums; `None`
+/// when it has no event yet. Reviews, plans and ledger entries of a payment are only ever
+/// written after one of its events, so a payment without events has none of them, and its
+/// first event (the common case) costs one lookup here instead of four. Were that ever
+/// untrue, the unique keys on `plans` and on the ledger's `(payment_id, entry_no)` would
+/// refuse the event rather than price or grant the payment twice.
+fn load_stored(conn: &Connection, payment_id: &str) -> Result<Option<Stored>, StoreError> {
     let mut stored = Stored::default();
+    let mut any = false;
     {
         let mut stmt = conn
             .prepare_cached("SELECT event_type, refund_status FROM events WHERE payment_id = ?1")
@@ -371,7 +387,11 @@ fn load_stored(conn: &Connection, payment_id: &str) -> Result<Stored, StoreError
             let (t, s): (String, Option<String>) =
                 (row.get(0).map_err(error)?, row.get(1).map_err(error)?);
             stored.facts.add(&t, s.as_deref());
+            any = true;
         }
+    }
+    if !any {
+        return Ok(None);
     }
     stored.rejected = conn
         .prepare_cached("SELECT decision FROM reviews WHERE payment_id = ?1")
@@ -399,7 +419,7 @@ fn load_stored(conn: &Connection, payment_id: &str) -> Result<Stored, StoreError
             },
         );
     }
-    Ok(stored)
+    Ok(Some(stored))
 }
 
 fn load_plan(conn: &Connection, payment_id: &str) -> Result<Option<GrantPlan>, StoreError> {
@@ -433,14 +453,19 @@ fn append(
     deltas: &[Delta],
     event_key: &str,
     now: i64,
+    new_payment: bool,
 ) -> Result<Vec<LedgerEntry>, StoreError> {
     if deltas.is_empty() {
         return Ok(Vec::new());
     }
-    let mut entry_no: i64 = conn
-        .prepare_cached("SELECT COALESCE(MAX(entry_no), 0) FROM ledger WHERE payment_id = ?1")
-        .and_then(|mut s| s.query_row([&plan.payment_id], |r| r.get(0)))
-        .map_err(error)?;
+    // A payment's first event finds no ledger entries (see `load_stored`).
+    let mut entry_no: i64 = if new_payment {
+        0
+    } else {
+        conn.prepare_cached("SELECT COALESCE(MAX(entry_no), 0) FROM ledger WHERE payment_id = ?1")
+            .and_then(|mut s| s.query_row([&plan.payment_id], |r| r.get(0)))
+            .map_err(error)?
+    };
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet, raw_customer_id,
@@ -599,10 +624,13 @@ mod tests {
     fn one_failing_event_fails_alone_and_its_batch_still_commits() {
         let (_dir, mut conn) = migrated();
         // A plan that cannot be read makes the next event of that payment fail.
-        conn.execute(
-            "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, recorded_at_us)
-             VALUES ('p-bad', 'catalog', 'sword', 'v1', 'not json', 'wallet', 0)",
-            [],
+        conn.execute_batch(
+            "INSERT INTO events (event_key, event_type, category, created_raw, payment_id,
+                outcome, received_at_us, recorded_at_us, raw_body)
+             VALUES ('key-earlier', 'Settled', 'Purchase', '2026-01-01T00:00:00Z', 'p-bad',
+                'granted', 0, 0, x'');
+             INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, recorded_at_us)
+             VALUES ('p-bad', 'catalog', 'sword', 'v1', 'not json', 'wallet', 0);",
         )
         .unwrap();
         let batch = vec![settled("p-1"), settled("p-bad"), settled("p-2")];
@@ -621,7 +649,7 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(events, ["p-1", "p-2"]);
+        assert_eq!(events, ["p-1", "p-2", "p-bad"]);
         let grants: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM ledger WHERE kind = 'grant'",
@@ -630,6 +658,36 @@ mod tests {
             )
             .unwrap();
         assert_eq!(grants, 2);
+    }
+
+    /// A payment's first event skips the plan and ledger lookups (`load_stored`); a plan
+    /// this service never wrote without an event must still never be priced again.
+    #[test]
+    fn a_plan_without_events_refuses_the_event_instead_of_pricing_twice() {
+        let (_dir, mut conn) = migrated();
+        conn.execute(
+            "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, recorded_at_us)
+             VALUES ('p-orphan', 'catalog', 'sword', 'v1', '[]', 'wallet', 0)",
+            [],
+        )
+        .unwrap();
+        let batch = vec![settled("p-orphan"), settled("p-1")];
+        let acks = record_batch(&mut conn, &batch, ChargebackPolicy::default()).unwrap();
+        assert!(
+            matches!(acks[0], Err(StoreError::Conflict(_))),
+            "{:?}",
+            acks[0]
+        );
+        assert_eq!(acks[1].as_ref().unwrap().outcome, Outcome::Granted);
+        let orphan: i64 = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM events WHERE payment_id = 'p-orphan')
+                      + (SELECT COUNT(*) FROM ledger WHERE payment_id = 'p-orphan')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(orphan, 0);
     }
 
     #[test]
