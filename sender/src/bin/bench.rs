@@ -42,6 +42,10 @@ struct Cli {
     /// Rows pre-loaded for the "full ledger" measurement (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     preload: u64,
+    /// Alternating rounds of a fresh ledger and the pre-loaded one (closed loop each);
+    /// the full-ledger figure is the median ratio of the rounds.
+    #[arg(long, default_value_t = 3)]
+    full_rounds: usize,
     /// Afterwards, measure this many more alternating pairs of bare hyper and the SQLite
     /// pipeline (closed loop only) and report the median ratio: one pair is noisy on a
     /// shared machine.
@@ -411,13 +415,93 @@ fn row(name: &str, closed: &Closed, rate: Option<&Report>, procs: &[&Proc]) -> R
     }
 }
 
-async fn pipeline(
-    name: &str,
-    url: &str,
-    migrate: bool,
-    cli: &Cli,
-) -> anyhow::Result<(Row, Option<f64>)> {
-    let (edge, fulfillment) = stack(url, migrate).await?;
+/// Where a pipeline's ledgers are made: each call to [`Ledgers::fresh`] is a new, empty
+/// one (a file, or a database on the PostgreSQL server, dropped by [`Ledgers::drop_all`]).
+enum Ledgers {
+    Sqlite(PathBuf),
+    Postgres { server: String, made: Vec<String> },
+}
+
+impl Ledgers {
+    async fn fresh(&mut self, tag: &str) -> anyhow::Result<String> {
+        match self {
+            Self::Sqlite(dir) => Ok(format!(
+                "sqlite://{}",
+                dir.join(format!("{tag}.db")).display()
+            )),
+            Self::Postgres { server, made } => {
+                let name = format!("coinflow_bench_{}_{tag}", std::process::id());
+                let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres")).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut admin)
+                    .await?;
+                made.push(name.clone());
+                Ok(format!("{server}/{name}"))
+            }
+        }
+    }
+
+    async fn drop_all(&mut self) -> anyhow::Result<()> {
+        if let Self::Postgres { server, made } = self {
+            let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres")).await?;
+            for name in made.drain(..) {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The full-ledger comparison: closed loops alternating between a fresh ledger and the
+/// pre-loaded one, the ratio of each round in percent.
+async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<Vec<f64>> {
+    eprintln!("{name}: pre-loading {} ledger rows", cli.preload);
+    let full = ledgers.fresh("full").await?;
+    drop(stack(&full, true).await?);
+    preload(&full, cli.preload).await?;
+    let mut ratios = Vec::with_capacity(cli.full_rounds);
+    for i in 0..cli.full_rounds {
+        eprintln!(
+            "{name}: fresh and full ledgers, round {}/{}",
+            i + 1,
+            cli.full_rounds
+        );
+        let mut throughput = [0.0; 2];
+        for (t, url) in throughput
+            .iter_mut()
+            .zip([ledgers.fresh(&format!("round{i}")).await?, full.clone()])
+        {
+            let (edge, fulfillment) = stack(&url, true).await?;
+            let procs = [&edge, &fulfillment];
+            closed(
+                &procs,
+                &format!("{name}-round{i}-warm"),
+                2000,
+                cli.concurrency,
+            )
+            .await;
+            *t = closed(
+                &procs,
+                &format!("{name}-round{i}"),
+                cli.events,
+                cli.concurrency,
+            )
+            .await
+            .report
+            .throughput_per_s;
+        }
+        ratios.push(100.0 * throughput[1] / throughput[0]);
+    }
+    Ok(ratios)
+}
+
+async fn pipeline(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<(Row, Vec<f64>)> {
+    let url = ledgers.fresh("main").await?;
+    let (edge, fulfillment) = stack(&url, true).await?;
     eprintln!("{name}: warm-up");
     let procs = [&edge, &fulfillment];
     closed(&procs, &format!("{name}-warm"), 2000, cli.concurrency).await;
@@ -439,17 +523,11 @@ async fn pipeline(
     .await;
     let r = row(name, &c, Some(&o), &procs);
     drop((edge, fulfillment));
-    let mut full = None;
-    if cli.preload > 0 {
-        eprintln!("{name}: pre-loading {} ledger rows", cli.preload);
-        preload(url, cli.preload).await?;
-        let (edge, fulfillment) = stack(url, migrate).await?;
-        let procs = [&edge, &fulfillment];
-        closed(&procs, &format!("{name}-warm2"), 2000, cli.concurrency).await;
-        let f = closed(&procs, &format!("{name}-full"), cli.events, cli.concurrency).await;
-        full = Some(f.report.throughput_per_s);
-        drop((edge, fulfillment));
-    }
+    let full = if cli.preload > 0 && cli.full_rounds > 0 {
+        full_ledger(name, ledgers, cli).await?
+    } else {
+        Vec::new()
+    };
     Ok((r, full))
 }
 
@@ -505,24 +583,18 @@ async fn main() -> anyhow::Result<()> {
     rows.push(row("bare hyper (ceiling)", &c, Some(&o), &[&bare]));
     drop(bare);
 
-    let sqlite = format!("sqlite://{}", dir.join("ledger.db").display());
-    let (r, f) = pipeline("SQLite pipeline", &sqlite, true, &cli).await?;
+    let mut sqlite = Ledgers::Sqlite(dir.clone());
+    let (r, f) = pipeline("SQLite pipeline", &mut sqlite, &cli).await?;
     rows.push(r);
     full.push(("SQLite", f));
 
     if !cli.postgres.is_empty() {
-        let name = format!("coinflow_bench_{}", std::process::id());
-        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", cli.postgres)).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await?;
-        let url = format!("{}/{name}", cli.postgres);
-        let result = pipeline("PostgreSQL pipeline", &url, true, &cli).await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut admin)
-        .await?;
+        let mut postgres = Ledgers::Postgres {
+            server: cli.postgres.clone(),
+            made: Vec::new(),
+        };
+        let result = pipeline("PostgreSQL pipeline", &mut postgres, &cli).await;
+        postgres.drop_all().await?;
         let (r, f) = result?;
         rows.push(r);
         full.push(("PostgreSQL", f));
@@ -571,31 +643,36 @@ async fn main() -> anyhow::Result<()> {
             println!("  - {process} by thread: {}", threads.join(", "));
         }
     }
-    for (name, f) in full {
-        if let Some(f) = f {
-            let empty = rows
-                .iter()
-                .find(|r| r.name.starts_with(name))
-                .map_or(0.0, |r| r.throughput);
+    for (name, ratios) in full {
+        if !ratios.is_empty() {
             println!(
-                "\n{name} with {} rows pre-loaded: {f:.0} events/s ({:.1}% of the empty-ledger figure)",
+                "\n{name} with {} rows pre-loaded vs a fresh ledger over {} alternating rounds: {}",
                 cli.preload,
-                100.0 * f / empty
+                ratios.len(),
+                summary(&ratios)
             );
         }
     }
     if !ratios.is_empty() {
-        let mut sorted = ratios.clone();
-        sorted.sort_by(f64::total_cmp);
-        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.1}%")).collect();
         println!(
-            "\nSQLite pipeline / bare hyper over {} alternating pairs: median {:.1}% (min {:.1}%, max {:.1}%): {}",
+            "\nSQLite pipeline / bare hyper over {} alternating pairs: {}",
             ratios.len(),
-            sorted[sorted.len() / 2],
-            sorted[0],
-            sorted[sorted.len() - 1],
-            shown.join(", ")
+            summary(&ratios)
         );
     }
     Ok(())
+}
+
+/// "median M% (min A%, max B%): each%, ..." of percentages.
+fn summary(ratios: &[f64]) -> String {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.1}%")).collect();
+    format!(
+        "median {:.1}% (min {:.1}%, max {:.1}%): {}",
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1],
+        shown.join(", ")
+    )
 }
