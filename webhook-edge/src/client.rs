@@ -503,7 +503,7 @@ impl IngestTarget {
                 }
                 Err(status) if retryable(code) || code == Code::DeadlineExceeded => {
                     tracing::debug!(code = %code, endpoint = %member.key, "ingest transient failure; retrying");
-                    if matches!(code, Code::Unavailable | Code::Unknown) {
+                    if matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled) {
                         // The endpoint itself is likely gone: try the others first.
                         member.set_down(Some(Instant::now() + COOLDOWN));
                         if self.live_members() > 0 {
@@ -590,10 +590,17 @@ fn no_ack() -> Status {
     Status::deadline_exceeded("no ack before the deadline")
 }
 
+/// Codes after which the same event is tried again (ingest is idempotent). CANCELLED is
+/// what the client reports for a call whose connection died under it (a replica killed
+/// mid-call), not an answer from ingest.
 fn retryable(code: Code) -> bool {
     matches!(
         code,
-        Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Unknown
+        Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Cancelled
     )
 }
 
@@ -614,5 +621,24 @@ mod tests {
         assert!(Endpoints::parse("dns://svc").is_err());
         assert!(Endpoints::parse("").is_err());
         assert!(Endpoints::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn transport_failures_are_retried_and_refusals_are_not() {
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Cancelled,
+            Code::Aborted,
+        ] {
+            assert!(retryable(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::FailedPrecondition,
+        ] {
+            assert!(!retryable(code), "{code:?}");
+        }
     }
 }
