@@ -153,7 +153,7 @@ impl Caller {
                 KeyValue::new("rpc.service", "coinflow.fulfillment.v1.Ingest"),
                 KeyValue::new("rpc.method", method),
                 KeyValue::new("rpc.grpc.status_code", code as i64),
-                KeyValue::new("route", self.route.to_string()),
+                KeyValue::new("route", Arc::clone(&self.route)),
             ],
         );
         result
@@ -210,10 +210,7 @@ impl Caller {
                 } else {
                     status
                 };
-                for p in batch {
-                    let _ = p.reply.send(Err(status.clone()));
-                }
-                return;
+                return fail_all(batch, &status);
             }
         };
         if results.len() != batch.len() {
@@ -222,10 +219,7 @@ impl Caller {
                 results.len(),
                 batch.len()
             ));
-            for p in batch {
-                let _ = p.reply.send(Err(status.clone()));
-            }
-            return;
+            return fail_all(batch, &status);
         }
         for (p, result) in batch.into_iter().zip(results) {
             let _ = p.reply.send(match result.result {
@@ -234,6 +228,13 @@ impl Caller {
                 None => Err(Status::internal("ingest answered an empty result")),
             });
         }
+    }
+}
+
+/// Answers every event of a call that failed as a whole.
+fn fail_all(batch: Vec<Pending>, status: &Status) {
+    for p in batch {
+        let _ = p.reply.send(Err(status.clone()));
     }
 }
 

@@ -108,17 +108,15 @@ impl IngestService {
         let _ = span.set_parent(coinflow_shared::telemetry::extract_map(
             &batched.trace_context,
         ));
-        let result = self.record(batched.event).instrument(span.clone()).await;
-        let result = match result {
-            Ok(ack) => Outcome::Ack(ack),
-            Err(status) => Outcome::Failure(DeliverFailure {
-                code: status.code() as i32,
-                message: status.message().to_owned(),
-            }),
-        };
-        let code = match &result {
-            Outcome::Ack(_) => 0,
-            Outcome::Failure(f) => i64::from(f.code),
+        let (result, code) = match self.record(batched.event).instrument(span.clone()).await {
+            Ok(ack) => (Outcome::Ack(ack), 0),
+            Err(status) => (
+                Outcome::Failure(DeliverFailure {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }),
+                status.code() as i64,
+            ),
         };
         record_status(&span, code);
         DeliverResult {

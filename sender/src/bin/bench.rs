@@ -456,6 +456,15 @@ impl Ledgers {
     }
 }
 
+/// Starts the pipeline on the ledger at `url`, warms it up, and measures one closed loop
+/// of `cli.events` events named after `tag`.
+async fn closed_on(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<Closed> {
+    let (edge, fulfillment) = stack(url, true).await?;
+    let procs = [&edge, &fulfillment];
+    closed(&procs, &format!("{tag}-warm"), 2000, cli.concurrency).await;
+    Ok(closed(&procs, tag, cli.events, cli.concurrency).await)
+}
+
 /// The full-ledger comparison: closed loops alternating between a fresh ledger and the
 /// pre-loaded one, the ratio of each round in percent.
 async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<Vec<f64>> {
@@ -470,31 +479,11 @@ async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Re
             i + 1,
             cli.full_rounds
         );
-        let mut throughput = [0.0; 2];
-        for (t, url) in throughput
-            .iter_mut()
-            .zip([ledgers.fresh(&format!("round{i}")).await?, full.clone()])
-        {
-            let (edge, fulfillment) = stack(&url, true).await?;
-            let procs = [&edge, &fulfillment];
-            closed(
-                &procs,
-                &format!("{name}-round{i}-warm"),
-                2000,
-                cli.concurrency,
-            )
-            .await;
-            *t = closed(
-                &procs,
-                &format!("{name}-round{i}"),
-                cli.events,
-                cli.concurrency,
-            )
-            .await
-            .report
-            .throughput_per_s;
-        }
-        ratios.push(100.0 * throughput[1] / throughput[0]);
+        let fresh = ledgers.fresh(&format!("round{i}")).await?;
+        let tag = format!("{name}-round{i}");
+        let empty = closed_on(&fresh, &tag, cli).await?.report.throughput_per_s;
+        let loaded = closed_on(&full, &tag, cli).await?.report.throughput_per_s;
+        ratios.push(100.0 * loaded / empty);
     }
     Ok(ratios)
 }
@@ -554,11 +543,7 @@ async fn pairs(cli: &Cli, dir: &Path) -> anyhow::Result<Vec<f64>> {
         .await;
         drop(bare);
         let url = format!("sqlite://{}", dir.join(format!("pair{i}.db")).display());
-        let (edge, fulfillment) = stack(&url, true).await?;
-        let procs = [&edge, &fulfillment];
-        closed(&procs, &format!("pair{i}-warm"), 2000, cli.concurrency).await;
-        let p = closed(&procs, &format!("pair{i}"), cli.events, cli.concurrency).await;
-        drop((edge, fulfillment));
+        let p = closed_on(&url, &format!("pair{i}"), cli).await?;
         ratios.push(100.0 * p.report.throughput_per_s / b.report.throughput_per_s);
     }
     Ok(ratios)
