@@ -470,32 +470,28 @@ fn append(
         .prepare_cached(
             "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet, raw_customer_id,
                 item, catalog_version, event_key, actor, recorded_at_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'coinflow', ?11) RETURNING seq",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'coinflow', ?11)",
         )
         .map_err(error)?;
     let mut written = Vec::with_capacity(deltas.len());
     for d in deltas {
         entry_no += 1;
-        let seq: i64 = stmt
-            .query_row(
-                params![
-                    plan.payment_id,
-                    entry_no,
-                    d.kind.as_str(),
-                    d.sku,
-                    d.quantity,
-                    plan.wallet,
-                    plan.raw_customer_id,
-                    plan.item,
-                    plan.catalog_version,
-                    event_key,
-                    now
-                ],
-                |r| r.get(0),
-            )
-            .map_err(error)?;
+        stmt.execute(params![
+            plan.payment_id,
+            entry_no,
+            d.kind.as_str(),
+            d.sku,
+            d.quantity,
+            plan.wallet,
+            plan.raw_customer_id,
+            plan.item,
+            plan.catalog_version,
+            event_key,
+            now
+        ])
+        .map_err(error)?;
         written.push(LedgerEntry {
-            seq,
+            seq: conn.last_insert_rowid(),
             payment_id: plan.payment_id.clone(),
             kind: d.kind.as_str().to_owned(),
             sku: d.sku.clone(),
@@ -658,6 +654,35 @@ mod tests {
             )
             .unwrap();
         assert_eq!(grants, 2);
+    }
+
+    /// An ack reports the ledger rows as stored: each entry's `seq` is its row's.
+    #[test]
+    fn acked_entries_carry_the_seq_of_their_rows() {
+        let (_dir, mut conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO ledger (kind, sku, quantity, wallet, actor, idempotency_key, recorded_at_us)
+             VALUES ('consume', 'gem', 1, 'w', 'api', 'k1', 0)",
+        )
+        .unwrap();
+        let batch = vec![settled("p-1"), settled("p-2"), settled("p-3")];
+        let acked: Vec<(i64, String)> =
+            record_batch(&mut conn, &batch, ChargebackPolicy::default())
+                .unwrap()
+                .into_iter()
+                .flat_map(|ack| ack.unwrap().entries)
+                .map(|e| (e.seq, e.payment_id))
+                .collect();
+        let stored: Vec<(i64, String)> = conn
+            .prepare("SELECT seq, payment_id FROM ledger WHERE payment_id IS NOT NULL ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(acked.len(), 3);
+        assert_eq!(acked, stored);
+        assert!(acked.iter().all(|(seq, _)| *seq > 1));
     }
 
     /// A payment's first event skips the plan and ledger lookups (`load_stored`); a plan

@@ -180,6 +180,9 @@ async fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> anyho
     for (k, v) in env {
         cmd.env(k, v);
     }
+    if let Ok(v) = std::env::var("BENCH_SVC_TOKIO") {
+        cmd.env("TOKIO_WORKER_THREADS", v);
+    }
     let mut child = cmd.spawn()?;
     let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let addr = tokio::time::timeout(Duration::from_secs(60), async {
