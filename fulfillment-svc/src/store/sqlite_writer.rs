@@ -48,6 +48,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 /// WAL frames after which the WAL is rewound (16 MiB of 4 KiB pages).
 const REWIND_AT: i64 = 4_096;
 
+/// At most this many frames are left for the writer to copy when it rewinds the WAL.
+const REWIND_LEFT: i64 = 64;
+
 /// A committed batch waiting for its WAL to be synced.
 struct Committed {
     jobs: Vec<Job>,
@@ -118,12 +121,28 @@ pub(super) fn start(
 /// Copies the WAL back into the database every `CHECKPOINT_EVERY` (PASSIVE: never blocks
 /// the writer), and asks the writer to rewind it once it holds [`REWIND_AT`] frames. Under
 /// sustained load a PASSIVE pass never finds the writer idle, so the WAL would otherwise
-/// grow without bound. A final TRUNCATE runs when the writer stops.
+/// grow without bound. Before asking, it passes again until at most [`REWIND_LEFT`] frames
+/// are left to copy: the writer copies those itself, and ingest waits while it does. A
+/// final TRUNCATE runs when the writer stops.
 fn checkpoint(conn: &Connection, stopped: &std_mpsc::Receiver<()>, rewind: &AtomicBool) {
     const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+    const CATCH_UP_PASSES: usize = 3;
+    let passive = || {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })
+    };
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-            Ok(frames) if frames >= REWIND_AT => rewind.store(true, Ordering::Relaxed),
+        match passive() {
+            Ok((frames, _)) if frames >= REWIND_AT => {
+                for _ in 0..CATCH_UP_PASSES {
+                    match passive() {
+                        Ok((frames, copied)) if frames - copied > REWIND_LEFT => {}
+                        _ => break,
+                    }
+                }
+                rewind.store(true, Ordering::Relaxed);
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
@@ -132,8 +151,8 @@ fn checkpoint(conn: &Connection, stopped: &std_mpsc::Receiver<()>, rewind: &Atom
 }
 
 /// The writer thread: commits batches and hands them to the syncer. Between two batches,
-/// when the checkpointer asks, it rewinds the WAL (RESTART): the checkpointer's last pass
-/// copied nearly everything, so this costs the few frames written since.
+/// when the checkpointer asks, it rewinds the WAL (RESTART): the checkpointer's passes
+/// left at most [`REWIND_LEFT`] frames, so this costs those and the syncs.
 fn write(
     mut conn: Connection,
     mut queue: mpsc::Receiver<Job>,
