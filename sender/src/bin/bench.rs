@@ -54,9 +54,20 @@ struct Cli {
     /// PostgreSQL server for the PostgreSQL pipeline ("" skips it).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     postgres: String,
+    /// An environment variable for both services, after the benchmark's own (e.g.
+    /// `RUST_LOG=info` to measure with the services' default log level rather than
+    /// warnings only, or `TOKIO_WORKER_THREADS=1`). Repeatable.
+    #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = key_value)]
+    service_env: Vec<(String, String)>,
     /// Internal: run the bare hyper server.
     #[arg(long, hide = true)]
     bare_server: bool,
+}
+
+fn key_value(arg: &str) -> Result<(String, String), String> {
+    arg.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {arg:?}"))
 }
 
 /// A bare hyper server: 200 `{"success":true}` to everything. The ceiling.
@@ -166,7 +177,12 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Starts a service and waits for its "listening" log line (JSON) for the address.
-async fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
+async fn start(
+    name: &'static str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    extra_env: &[(String, String)],
+) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(bin(name)?);
     cmd.args(args)
         .env("LOG_FORMAT", "json")
@@ -180,9 +196,7 @@ async fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> anyho
     for (k, v) in env {
         cmd.env(k, v);
     }
-    if let Ok(v) = std::env::var("BENCH_SVC_TOKIO") {
-        cmd.env("TOKIO_WORKER_THREADS", v);
-    }
+    cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
     let mut child = cmd.spawn()?;
     let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let addr = tokio::time::timeout(Duration::from_secs(60), async {
@@ -219,9 +233,9 @@ async fn start_bare() -> anyhow::Result<Proc> {
     })
 }
 
-async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)> {
+async fn stack(database_url: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
     let catalog = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/catalog.example.toml");
-    let mut args = vec![
+    let args = [
         "--listen",
         "127.0.0.1:0",
         "--admin-listen",
@@ -230,10 +244,8 @@ async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)
         database_url,
         "--catalog",
         catalog.to_str().context("path")?,
+        "--migrate-on-start",
     ];
-    if migrate {
-        args.push("--migrate-on-start");
-    }
     let fulfillment = start(
         "fulfillment-svc",
         &args,
@@ -241,6 +253,7 @@ async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)
             ("FULFILLMENT_API_TOKENS", "bench"),
             ("FULFILLMENT_INGEST_TOKENS", "bench-ingest"),
         ],
+        &cli.service_env,
     )
     .await?;
     let url = format!("http://{}", fulfillment.addr);
@@ -258,6 +271,7 @@ async fn stack(database_url: &str, migrate: bool) -> anyhow::Result<(Proc, Proc)
             ("COINFLOW_WEBHOOK_KEYS", KEY),
             ("EDGE_INGEST_TOKEN", "bench-ingest"),
         ],
+        &cli.service_env,
     )
     .await?;
     Ok((edge, fulfillment))
@@ -462,7 +476,7 @@ impl Ledgers {
 /// Starts the pipeline on the ledger at `url`, warms it up, and measures one closed loop
 /// of `cli.events` events named after `tag`.
 async fn closed_on(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<Closed> {
-    let (edge, fulfillment) = stack(url, true).await?;
+    let (edge, fulfillment) = stack(url, cli).await?;
     let procs = [&edge, &fulfillment];
     closed(&procs, &format!("{tag}-warm"), 2000, cli.concurrency).await;
     Ok(closed(&procs, tag, cli.events, cli.concurrency).await)
@@ -473,7 +487,7 @@ async fn closed_on(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<Closed> {
 async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<Vec<f64>> {
     eprintln!("{name}: pre-loading {} ledger rows", cli.preload);
     let full = ledgers.fresh("full").await?;
-    drop(stack(&full, true).await?);
+    drop(stack(&full, cli).await?);
     preload(&full, cli.preload).await?;
     let mut ratios = Vec::with_capacity(cli.full_rounds);
     for i in 0..cli.full_rounds {
@@ -493,7 +507,7 @@ async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Re
 
 async fn pipeline(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<(Row, Vec<f64>)> {
     let url = ledgers.fresh("main").await?;
-    let (edge, fulfillment) = stack(&url, true).await?;
+    let (edge, fulfillment) = stack(&url, cli).await?;
     eprintln!("{name}: warm-up");
     let procs = [&edge, &fulfillment];
     closed(&procs, &format!("{name}-warm"), 2000, cli.concurrency).await;
