@@ -110,13 +110,14 @@ impl IngestService {
         ));
         let (result, code) = match self.record(batched.event).instrument(span.clone()).await {
             Ok(ack) => (Outcome::Ack(ack), 0),
-            Err(status) => (
-                Outcome::Failure(DeliverFailure {
-                    code: status.code() as i32,
+            Err(status) => {
+                let code = status.code() as i32;
+                let failure = DeliverFailure {
+                    code,
                     message: status.message().to_owned(),
-                }),
-                status.code() as i64,
-            ),
+                };
+                (Outcome::Failure(failure), i64::from(code))
+            }
         };
         record_status(&span, code);
         DeliverResult {

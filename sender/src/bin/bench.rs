@@ -473,13 +473,25 @@ impl Ledgers {
     }
 }
 
+/// Starts the pipeline on the ledger at `url` and warms it up with 2,000 events named
+/// after `tag`.
+async fn warmed(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
+    let (edge, fulfillment) = stack(url, cli).await?;
+    closed(
+        &[&edge, &fulfillment],
+        &format!("{tag}-warm"),
+        2000,
+        cli.concurrency,
+    )
+    .await;
+    Ok((edge, fulfillment))
+}
+
 /// Starts the pipeline on the ledger at `url`, warms it up, and measures one closed loop
 /// of `cli.events` events named after `tag`.
 async fn closed_on(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<Closed> {
-    let (edge, fulfillment) = stack(url, cli).await?;
-    let procs = [&edge, &fulfillment];
-    closed(&procs, &format!("{tag}-warm"), 2000, cli.concurrency).await;
-    Ok(closed(&procs, tag, cli.events, cli.concurrency).await)
+    let (edge, fulfillment) = warmed(url, tag, cli).await?;
+    Ok(closed(&[&edge, &fulfillment], tag, cli.events, cli.concurrency).await)
 }
 
 /// The full-ledger comparison: closed loops alternating between a fresh ledger and the
@@ -507,10 +519,9 @@ async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Re
 
 async fn pipeline(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<(Row, Vec<f64>)> {
     let url = ledgers.fresh("main").await?;
-    let (edge, fulfillment) = stack(&url, cli).await?;
     eprintln!("{name}: warm-up");
+    let (edge, fulfillment) = warmed(&url, name, cli).await?;
     let procs = [&edge, &fulfillment];
-    closed(&procs, &format!("{name}-warm"), 2000, cli.concurrency).await;
     eprintln!("{name}: closed loop");
     let c = closed(
         &procs,
