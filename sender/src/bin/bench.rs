@@ -1,6 +1,7 @@
 //! `coinflow-bench`: measures the durable pipeline against a bare hyper server in one run
-//! on one machine, and reports ratios. See BENCHMARKS.md. Run it through `scripts/bench`,
-//! which builds the release binaries first.
+//! on one machine, and reports ratios; between the two, the edge in front of an ingest stub
+//! that stores nothing shows what the HTTP edge and the gRPC hop cost by themselves. See
+//! BENCHMARKS.md. Run it through `scripts/bench`, which builds the release binaries first.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::BTreeMap;
@@ -15,12 +16,18 @@ use bytes::Bytes;
 use clap::Parser;
 use coinflow_sender::deliver::{Report, Sender, Target};
 use coinflow_sender::generate::event;
+use coinflow_shared::proto::v1::ingest_server::{Ingest, IngestServer};
+use coinflow_shared::proto::v1::{
+    DeliverBatchRequest, DeliverBatchResponse, DeliverRequest, DeliverResponse, DeliverResult,
+    Outcome, deliver_result,
+};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic::transport::server::TcpIncoming;
 
 const KEY: &str = "cf_whk_bench_key";
 
@@ -62,6 +69,9 @@ struct Cli {
     /// Internal: run the bare hyper server.
     #[arg(long, hide = true)]
     bare_server: bool,
+    /// Internal: run the ingest stub that acks every event without storing it.
+    #[arg(long, hide = true)]
+    stub_ingest: bool,
 }
 
 fn key_value(arg: &str) -> Result<(String, String), String> {
@@ -90,6 +100,54 @@ async fn bare_server() -> anyhow::Result<()> {
                 .await;
         });
     }
+}
+
+/// An `Ingest` that acks every event at once and stores nothing: with the real edge in
+/// front of it, the ceiling of the edge and the gRPC hop before any storage. Never a
+/// fulfillment: it only exists in the benchmark.
+struct StubIngest;
+
+#[tonic::async_trait]
+impl Ingest for StubIngest {
+    async fn deliver(
+        &self,
+        _request: tonic::Request<DeliverRequest>,
+    ) -> Result<tonic::Response<DeliverResponse>, tonic::Status> {
+        Ok(tonic::Response::new(stub_ack()))
+    }
+
+    async fn deliver_batch(
+        &self,
+        request: tonic::Request<DeliverBatchRequest>,
+    ) -> Result<tonic::Response<DeliverBatchResponse>, tonic::Status> {
+        let results = request
+            .into_inner()
+            .events
+            .iter()
+            .map(|_| DeliverResult {
+                result: Some(deliver_result::Result::Ack(stub_ack())),
+            })
+            .collect();
+        Ok(tonic::Response::new(DeliverBatchResponse { results }))
+    }
+}
+
+fn stub_ack() -> DeliverResponse {
+    DeliverResponse {
+        outcome: Outcome::Granted.into(),
+        duplicate: false,
+        held_reason: None,
+    }
+}
+
+async fn stub_ingest() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    tonic::transport::Server::builder()
+        .add_service(IngestServer::new(StubIngest))
+        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+        .await?;
+    Ok(())
 }
 
 struct Proc {
@@ -214,9 +272,10 @@ async fn start(
     Ok(Proc { child, addr, name })
 }
 
-async fn start_bare() -> anyhow::Result<Proc> {
+/// Runs this binary with `flag` (one of the internal servers), which prints its address.
+async fn start_internal(flag: &str, name: &'static str) -> anyhow::Result<Proc> {
     let mut child = Command::new(std::env::current_exe()?)
-        .arg("--bare-server")
+        .arg(flag)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -224,13 +283,34 @@ async fn start_bare() -> anyhow::Result<Proc> {
     let addr = lines
         .next_line()
         .await?
-        .context("bare server address")?
+        .with_context(|| format!("{name} address"))?
         .parse()?;
-    Ok(Proc {
-        child,
-        addr,
-        name: "bare hyper",
-    })
+    Ok(Proc { child, addr, name })
+}
+
+async fn start_bare() -> anyhow::Result<Proc> {
+    start_internal("--bare-server", "bare hyper").await
+}
+
+/// The real edge, delivering to `fulfillment_url`.
+async fn start_edge(fulfillment_url: &str, cli: &Cli) -> anyhow::Result<Proc> {
+    start(
+        "webhook-edge",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--fulfillment-url",
+            fulfillment_url,
+        ],
+        &[
+            ("COINFLOW_WEBHOOK_KEYS", KEY),
+            ("EDGE_INGEST_TOKEN", "bench-ingest"),
+        ],
+        &cli.service_env,
+    )
+    .await
 }
 
 async fn stack(database_url: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
@@ -256,24 +336,7 @@ async fn stack(database_url: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
         &cli.service_env,
     )
     .await?;
-    let url = format!("http://{}", fulfillment.addr);
-    let edge = start(
-        "webhook-edge",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--fulfillment-url",
-            &url,
-        ],
-        &[
-            ("COINFLOW_WEBHOOK_KEYS", KEY),
-            ("EDGE_INGEST_TOKEN", "bench-ingest"),
-        ],
-        &cli.service_env,
-    )
-    .await?;
+    let edge = start_edge(&format!("http://{}", fulfillment.addr), cli).await?;
     Ok((edge, fulfillment))
 }
 
@@ -583,6 +646,9 @@ async fn main() -> anyhow::Result<()> {
     if cli.bare_server {
         return bare_server().await;
     }
+    if cli.stub_ingest {
+        return stub_ingest().await;
+    }
     let dir = std::env::temp_dir().join(format!("coinflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut rows = Vec::new();
@@ -595,6 +661,20 @@ async fn main() -> anyhow::Result<()> {
     let o = open(bare.addr, "bare-open", cli.rate, cli.rate_seconds).await;
     rows.push(row("bare hyper (ceiling)", &c, Some(&o), &[&bare]));
     drop(bare);
+
+    let stub = start_internal("--stub-ingest", "ingest stub").await?;
+    let edge = start_edge(&format!("http://{}", stub.addr), &cli).await?;
+    eprintln!("edge and gRPC, nothing stored: closed loop");
+    closed(&[&edge, &stub], "stub-warm", 2000, cli.concurrency).await;
+    let c = closed(&[&edge, &stub], "stub", cli.events, cli.concurrency).await;
+    let o = open(edge.addr, "stub-open", cli.rate, cli.rate_seconds).await;
+    rows.push(row(
+        "edge + gRPC to a stub that stores nothing",
+        &c,
+        Some(&o),
+        &[&edge, &stub],
+    ));
+    drop((edge, stub));
 
     let mut sqlite = Ledgers::Sqlite(dir.clone());
     let (r, f) = pipeline("SQLite pipeline", &mut sqlite, &cli).await?;
