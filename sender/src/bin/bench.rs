@@ -540,14 +540,35 @@ impl Ledgers {
 /// after `tag`.
 async fn warmed(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
     let (edge, fulfillment) = stack(url, cli).await?;
-    closed(
-        &[&edge, &fulfillment],
-        &format!("{tag}-warm"),
-        2000,
+    warm(&[&edge, &fulfillment], tag, cli).await;
+    Ok((edge, fulfillment))
+}
+
+/// A short closed loop, not measured: connections, caches and the ledger's first pages.
+async fn warm(procs: &[&Proc], tag: &str, cli: &Cli) {
+    closed(procs, &format!("{tag}-warm"), 2000, cli.concurrency).await;
+}
+
+/// One row of the report for `procs` (already warm; `procs[0]` takes the deliveries): a
+/// closed loop of `cli.events` events, then an open loop at `cli.rate`.
+async fn measure(name: &str, procs: &[&Proc], cli: &Cli) -> Row {
+    eprintln!("{name}: closed loop");
+    let c = closed(
+        procs,
+        &format!("{name}-closed"),
+        cli.events,
         cli.concurrency,
     )
     .await;
-    Ok((edge, fulfillment))
+    eprintln!("{name}: open loop at {}/s", cli.rate);
+    let o = open(
+        procs[0].addr,
+        &format!("{name}-open"),
+        cli.rate,
+        cli.rate_seconds,
+    )
+    .await;
+    row(name, &c, Some(&o), procs)
 }
 
 /// Starts the pipeline on the ledger at `url`, warms it up, and measures one closed loop
@@ -584,24 +605,7 @@ async fn pipeline(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Resul
     let url = ledgers.fresh("main").await?;
     eprintln!("{name}: warm-up");
     let (edge, fulfillment) = warmed(&url, name, cli).await?;
-    let procs = [&edge, &fulfillment];
-    eprintln!("{name}: closed loop");
-    let c = closed(
-        &procs,
-        &format!("{name}-closed"),
-        cli.events,
-        cli.concurrency,
-    )
-    .await;
-    eprintln!("{name}: open loop at {}/s", cli.rate);
-    let o = open(
-        edge.addr,
-        &format!("{name}-open"),
-        cli.rate,
-        cli.rate_seconds,
-    )
-    .await;
-    let r = row(name, &c, Some(&o), &procs);
+    let r = measure(name, &[&edge, &fulfillment], cli).await;
     drop((edge, fulfillment));
     let full = if cli.preload > 0 && cli.full_rounds > 0 {
         full_ledger(name, ledgers, cli).await?
@@ -618,13 +622,7 @@ async fn pairs(cli: &Cli, dir: &Path) -> anyhow::Result<Vec<f64>> {
     for i in 0..cli.pairs {
         eprintln!("pair {}/{}", i + 1, cli.pairs);
         let bare = start_bare().await?;
-        closed(
-            &[&bare],
-            &format!("pair{i}-bare-warm"),
-            2000,
-            cli.concurrency,
-        )
-        .await;
+        warm(&[&bare], &format!("pair{i}-bare"), cli).await;
         let b = closed(
             &[&bare],
             &format!("pair{i}-bare"),
@@ -655,25 +653,21 @@ async fn main() -> anyhow::Result<()> {
     let mut full = Vec::new();
 
     let bare = start_bare().await?;
-    eprintln!("bare hyper: closed loop");
-    closed(&[&bare], "bare-warm", 2000, cli.concurrency).await;
-    let c = closed(&[&bare], "bare", cli.events, cli.concurrency).await;
-    let o = open(bare.addr, "bare-open", cli.rate, cli.rate_seconds).await;
-    rows.push(row("bare hyper (ceiling)", &c, Some(&o), &[&bare]));
+    warm(&[&bare], "bare", &cli).await;
+    rows.push(measure("bare hyper (ceiling)", &[&bare], &cli).await);
     drop(bare);
 
     let stub = start_internal("--stub-ingest", "ingest stub").await?;
     let edge = start_edge(&format!("http://{}", stub.addr), &cli).await?;
-    eprintln!("edge and gRPC, nothing stored: closed loop");
-    closed(&[&edge, &stub], "stub-warm", 2000, cli.concurrency).await;
-    let c = closed(&[&edge, &stub], "stub", cli.events, cli.concurrency).await;
-    let o = open(edge.addr, "stub-open", cli.rate, cli.rate_seconds).await;
-    rows.push(row(
-        "edge + gRPC to a stub that stores nothing",
-        &c,
-        Some(&o),
-        &[&edge, &stub],
-    ));
+    warm(&[&edge, &stub], "stub", &cli).await;
+    rows.push(
+        measure(
+            "edge + gRPC to a stub that stores nothing",
+            &[&edge, &stub],
+            &cli,
+        )
+        .await,
+    );
     drop((edge, stub));
 
     let mut sqlite = Ledgers::Sqlite(dir.clone());
