@@ -16,16 +16,21 @@ pub enum HeldReason {
     MissingPaymentId,
     /// No `webhookInfo` object.
     MissingWebhookInfo,
+    /// `webhookInfo` is deeper or larger than the edge converts.
+    MalformedWebhookInfo,
     /// `webhookInfo` names no catalog entry.
     UnknownItem,
-    /// No `data.wallet` to grant to.
+    /// Neither `data.wallet` nor `data.rawCustomerId` to grant to.
     MissingPayer,
-    /// No integer `subtotal`.
+    /// No readable `subtotal`: missing, `cents` not an integer, or `currency` present but
+    /// not a string.
     MissingSubtotal,
     /// `subtotal.currency` is present and is not the catalog's.
     CurrencyMismatch,
     /// `subtotal` is below the catalog price.
     Underpaid,
+    /// The authenticated body is not a v2 envelope (any event type): recorded as it came.
+    Unparseable,
 }
 
 impl HeldReason {
@@ -34,11 +39,13 @@ impl HeldReason {
         match self {
             Self::MissingPaymentId => "missing_payment_id",
             Self::MissingWebhookInfo => "missing_webhook_info",
+            Self::MalformedWebhookInfo => "malformed_webhook_info",
             Self::UnknownItem => "unknown_item",
             Self::MissingPayer => "missing_payer",
             Self::MissingSubtotal => "missing_subtotal",
             Self::CurrencyMismatch => "currency_mismatch",
             Self::Underpaid => "underpaid",
+            Self::Unparseable => "unparseable",
         }
     }
 }
@@ -73,6 +80,9 @@ pub struct GrantPlan {
 
 /// Decides what `event` asks for under `catalog`.
 pub fn decide(event: &WebhookEvent, catalog: &Catalog) -> Decision {
+    if event.unparseable.is_some() {
+        return Decision::Hold(HeldReason::Unparseable);
+    }
     if event.event_type != SETTLED {
         return Decision::Record;
     }
@@ -87,13 +97,16 @@ fn plan_grant(event: &WebhookEvent, catalog: &Catalog) -> Result<GrantPlan, Held
         .payment_id
         .clone()
         .ok_or(HeldReason::MissingPaymentId)?;
+    if event.webhook_info_over_limit {
+        return Err(HeldReason::MalformedWebhookInfo);
+    }
     let info = event
         .webhook_info
         .as_ref()
         .ok_or(HeldReason::MissingWebhookInfo)?;
     let name = struct_str(info, &catalog.item_key).ok_or(HeldReason::UnknownItem)?;
     let item = catalog.items.get(name).ok_or(HeldReason::UnknownItem)?;
-    let wallet = event.wallet.clone().ok_or(HeldReason::MissingPayer)?;
+    let wallet = payer_of(event).ok_or(HeldReason::MissingPayer)?;
     let paid = event.subtotal.as_ref().ok_or(HeldReason::MissingSubtotal)?;
     if let Some(currency) = &paid.currency
         && !currency.eq_ignore_ascii_case(&item.price.currency)
@@ -113,6 +126,16 @@ fn plan_grant(event: &WebhookEvent, catalog: &Catalog) -> Result<GrantPlan, Held
     })
 }
 
+/// The plan's `wallet`: `data.wallet`, or empty for a payer named only by
+/// `rawCustomerId` (Version 3 webhooks carry no wallet). `None` when neither is sent.
+fn payer_of(event: &WebhookEvent) -> Option<String> {
+    match (&event.wallet, &event.raw_customer_id) {
+        (Some(wallet), _) => Some(wallet.clone()),
+        (None, Some(_)) => Some(String::new()),
+        (None, None) => None,
+    }
+}
+
 /// The plan an operator's approval grants for a held `event`: "as if it had matched",
 /// so price and currency are not checked. `item` overrides the entry `webhookInfo` names.
 /// The error says what to fix.
@@ -121,6 +144,13 @@ pub fn approval_plan(
     catalog: &Catalog,
     item: Option<&str>,
 ) -> Result<GrantPlan, String> {
+    if event.unparseable.is_some() {
+        return Err(
+            "the held event's body is not a Coinflow envelope, so it names nothing to \
+                    grant: reject it, or wait for Coinflow's well-formed delivery"
+                .to_owned(),
+        );
+    }
     let payment_id = event
         .payment_id
         .clone()
@@ -135,10 +165,8 @@ pub fn approval_plan(
     let entry = catalog.items.get(name).ok_or_else(|| {
         format!("item {name:?} is not in the catalog (version {}): pass approve.item with a catalog entry", catalog.version)
     })?;
-    let wallet = event
-        .wallet
-        .clone()
-        .ok_or("the held event has no wallet to grant to")?;
+    let wallet =
+        payer_of(event).ok_or("the held event names no wallet or rawCustomerId to grant to")?;
     Ok(GrantPlan {
         payment_id,
         wallet,
@@ -245,6 +273,26 @@ mod tests {
                 HeldReason::MissingSubtotal,
             ),
             (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":392}}"#,
+                HeldReason::MissingSubtotal,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":null}}"#,
+                HeldReason::MissingSubtotal,
+            ),
+            (
+                r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":{"code":"USD"}}}"#,
+                HeldReason::MissingSubtotal,
+            ),
+            (
+                &format!(
+                    r#"{{"id":"p","wallet":"w","webhookInfo":{{"item":"sword","n":{}0{}}},"subtotal":{{"cents":500}}}}"#,
+                    "[".repeat(40),
+                    "]".repeat(40)
+                ),
+                HeldReason::MalformedWebhookInfo,
+            ),
+            (
                 r#"{"id":"p","wallet":"w","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":"EUR"}}"#,
                 HeldReason::CurrencyMismatch,
             ),
@@ -277,12 +325,49 @@ mod tests {
                 .item,
             "sword"
         );
-        let no_wallet = event(r#"{"id":"p","webhookInfo":{"item":"sword"}}"#);
+        let no_payer = event(r#"{"id":"p","webhookInfo":{"item":"sword"}}"#);
         assert!(
-            approval_plan(&no_wallet, &catalog(), None)
+            approval_plan(&no_payer, &catalog(), None)
                 .unwrap_err()
                 .contains("wallet")
         );
+        let v3 = event(r#"{"id":"p","rawCustomerId":"u","webhookInfo":{"item":"sword"}}"#);
+        let plan = approval_plan(&v3, &catalog(), None).unwrap();
+        assert_eq!(
+            (plan.wallet.as_str(), plan.raw_customer_id.as_deref()),
+            ("", Some("u"))
+        );
+    }
+
+    #[test]
+    fn a_version_3_settled_without_a_wallet_is_granted_to_its_customer_id() {
+        let d = decide(
+            &event(
+                r#"{"id":"p","customerId":"c9","rawCustomerId":"u","webhookInfo":{"item":"sword"},"subtotal":{"cents":500,"currency":"USD"}}"#,
+            ),
+            &catalog(),
+        );
+        let Decision::Grant(plan) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            (plan.wallet.as_str(), plan.raw_customer_id.as_deref()),
+            ("", Some("u"))
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_envelope_is_held_whatever_it_says() {
+        let ev = coinflow_shared::convert::unparseable(
+            Bytes::from_static(b"{\"eventType\":\"Settled\""),
+            "malformed JSON".into(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            decide(&ev, &catalog()),
+            Decision::Hold(HeldReason::Unparseable)
+        );
+        assert!(approval_plan(&ev, &catalog(), Some("sword")).is_err());
     }
 
     #[test]

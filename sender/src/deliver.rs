@@ -208,12 +208,12 @@ impl Sender {
             }
         }
         let (event_key, payment_id, event_type) = match Envelope::parse(&body) {
-            Ok(env) => (
-                event_key(&env, &body),
-                env.data.payment_id(),
-                env.event_type,
+            Ok(env) => (event_key(&env, &body), env.payment_id(), env.event_type),
+            Err(_) => (
+                coinflow_shared::identity::body_key(&body),
+                coinflow_shared::convert::best_effort_payment_id(&body),
+                String::new(),
             ),
-            Err(_) => (String::new(), None, String::new()),
         };
         let logged = Logged {
             event_key,

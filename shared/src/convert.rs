@@ -1,5 +1,11 @@
 //! The conversion from a parsed envelope and its raw bytes to the protobuf
-//! [`WebhookEvent`] that the edge hands to ingest.
+//! [`WebhookEvent`] that the edge hands to ingest, and of a body that is not an envelope
+//! ([`unparseable`]).
+//!
+//! What is converted is bounded ([`WEBHOOK_INFO_LIMITS`]): protobuf decoders refuse
+//! messages nested past a recursion limit (prost's is 100), and a `DeliverBatch` call has a
+//! size limit, so an event whose bytes could never be decoded would be refused on every
+//! retry until Coinflow gave up. The raw body always travels whole.
 
 use std::str::FromStr;
 use std::time::SystemTime;
@@ -9,12 +15,30 @@ use prost_types::{ListValue, Struct, Timestamp, Value as PValue, value::Kind};
 use serde_json::{Map, Value};
 
 use crate::envelope::{Envelope, Money, money_in};
-use crate::identity::event_key;
+use crate::identity::{body_key, event_key};
 use crate::proto::v1::{Money as PMoney, RefundTotals, WebhookEvent};
+
+/// How deep and how large a `webhookInfo` the edge converts to a `Struct`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Nesting of objects and arrays, the `webhookInfo` object itself being depth 1. Each
+    /// JSON level is two protobuf messages (`Value` and `Struct`/`ListValue`).
+    pub max_depth: usize,
+    /// The converted size: key and string bytes plus 8 per value.
+    pub max_bytes: usize,
+}
+
+/// The documented limits: a real `webhookInfo` is a few keys (`{"item":"sword"}`); these
+/// are far above that and far below what a decoder or a call refuses.
+pub const WEBHOOK_INFO_LIMITS: Limits = Limits {
+    max_depth: 16,
+    max_bytes: 16 * 1024,
+};
 
 /// Builds the event that carries everything Coinflow sent, raw bytes included.
 pub fn to_proto(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) -> WebhookEvent {
     let event_key = event_key(&envelope, &raw_body);
+    let payment_id = envelope.payment_id();
     let data = &envelope.data;
     let refund_status = envelope
         .event_type
@@ -26,15 +50,18 @@ pub fn to_proto(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) ->
         processor_fees: money_in(totals, "processorFees").map(money),
         total: money_in(totals, "total").map(money),
     });
+    let info = data.object("webhookInfo");
+    let info_fits = info.is_none_or(|i| fits(i, WEBHOOK_INFO_LIMITS));
     WebhookEvent {
         event_key,
         created: Timestamp::from_str(&envelope.created).ok(),
-        payment_id: data.payment_id(),
+        payment_id,
         merchant_id: data.str("merchantId").map(str::to_owned),
         wallet: data.str("wallet").map(str::to_owned),
         customer_id: data.str("customerId").map(str::to_owned),
         raw_customer_id: data.str("rawCustomerId").map(str::to_owned),
-        webhook_info: data.object("webhookInfo").map(to_struct),
+        webhook_info: info.filter(|_| info_fits).map(to_struct),
+        webhook_info_over_limit: !info_fits,
         subtotal: data.money("subtotal").map(money),
         fees: data.money("fees").map(money),
         chargeback_protection_fees: data.money("chargebackProtectionFees").map(money),
@@ -44,11 +71,78 @@ pub fn to_proto(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) ->
         refund_totals,
         chargeback_id: data.str("chargebackId").map(str::to_owned),
         refund_status,
+        unparseable: None,
         received_at: Some(Timestamp::from(received_at)),
         raw_body,
         event_type: envelope.event_type,
         category: envelope.category,
         created_raw: envelope.created,
+    }
+}
+
+/// The event for an authenticated body that is not a v2 envelope: identified by its
+/// bytes, carrying them whole, with `why` and, when the body still yields one, the
+/// payment it names ([`best_effort_payment_id`]).
+pub fn unparseable(raw_body: Bytes, why: String, received_at: SystemTime) -> WebhookEvent {
+    WebhookEvent {
+        event_key: body_key(&raw_body),
+        payment_id: best_effort_payment_id(&raw_body),
+        unparseable: Some(why),
+        received_at: Some(Timestamp::from(received_at)),
+        raw_body,
+        ..WebhookEvent::default()
+    }
+}
+
+/// The payment a body that is not a valid envelope names, if a plain JSON reading finds
+/// one (`data.id`, or `data.paymentId`; with a repeated key, the last copy). Only for
+/// filing such an event under its payment for a person to look at: it never grants.
+pub fn best_effort_payment_id(raw_body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(raw_body).ok()?;
+    let data = value.get("data")?.as_object()?;
+    ["id", "paymentId"]
+        .iter()
+        .find_map(|key| match data.get(*key)? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+            _ => None,
+        })
+}
+
+/// Whether `map` is within `limits`.
+pub fn fits(map: &Map<String, Value>, limits: Limits) -> bool {
+    let mut budget = limits.max_bytes;
+    fits_map(map, 1, limits.max_depth, &mut budget)
+}
+
+fn fits_map(map: &Map<String, Value>, depth: usize, max_depth: usize, budget: &mut usize) -> bool {
+    depth <= max_depth
+        && map
+            .iter()
+            .all(|(k, v)| spend(budget, k.len()) && fits_value(v, depth, max_depth, budget))
+}
+
+fn fits_value(v: &Value, depth: usize, max_depth: usize, budget: &mut usize) -> bool {
+    spend(budget, 8)
+        && match v {
+            Value::String(s) => spend(budget, s.len()),
+            Value::Array(a) => {
+                depth < max_depth
+                    && a.iter()
+                        .all(|v| fits_value(v, depth + 1, max_depth, budget))
+            }
+            Value::Object(o) => fits_map(o, depth + 1, max_depth, budget),
+            Value::Null | Value::Bool(_) | Value::Number(_) => true,
+        }
+}
+
+fn spend(budget: &mut usize, n: usize) -> bool {
+    match budget.checked_sub(n) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => false,
     }
 }
 
@@ -160,6 +254,75 @@ mod tests {
         assert_eq!(ev.category, "Withdraw");
         assert_eq!(ev.payment_id, None);
         assert!(ev.event_key.starts_with("b1:"));
+    }
+
+    #[test]
+    fn webhook_info_past_the_limits_is_not_converted() {
+        let deep = format!(
+            r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{{"id":"p","webhookInfo":{{"item":{}1{}}}}}}}"#,
+            "[".repeat(60),
+            "]".repeat(60)
+        );
+        let ev = to_proto(
+            Envelope::parse(deep.as_bytes()).unwrap(),
+            Bytes::from(deep),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert!(ev.webhook_info.is_none() && ev.webhook_info_over_limit);
+        let big = format!(
+            r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{{"id":"p","webhookInfo":{{"item":"sword","pad":"{}"}}}}}}"#,
+            "x".repeat(200 * 1024)
+        );
+        let ev = to_proto(
+            Envelope::parse(big.as_bytes()).unwrap(),
+            Bytes::from(big),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert!(ev.webhook_info.is_none() && ev.webhook_info_over_limit);
+        let ok = convert(include_bytes!("../../fixtures/settled-sword.json"));
+        assert!(ok.webhook_info.is_some() && !ok.webhook_info_over_limit);
+    }
+
+    #[test]
+    fn the_limits_are_exact() {
+        let limits = Limits {
+            max_depth: 2,
+            max_bytes: 1000,
+        };
+        let map = |json: &str| -> Map<String, Value> { serde_json::from_str(json).unwrap() };
+        assert!(fits(&map(r#"{"a":{"b":1}}"#), limits));
+        assert!(fits(&map(r#"{"a":[1]}"#), limits));
+        assert!(!fits(&map(r#"{"a":{"b":{}}}"#), limits));
+        assert!(!fits(&map(r#"{"a":[[1]]}"#), limits));
+        let tight = Limits {
+            max_depth: 4,
+            max_bytes: 1 + 8 + 3,
+        };
+        assert!(fits(&map(r#"{"a":"xyz"}"#), tight));
+        assert!(!fits(&map(r#"{"a":"xyzw"}"#), tight));
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_envelope_keeps_its_bytes_and_names_its_payment_if_it_can() {
+        let body = br#"{"eventType":"Settled","category":"Purchase","created":"c","data":{"id":"p1","id":"p1"}}"#;
+        let ev = unparseable(
+            Bytes::from_static(body),
+            "duplicate key".into(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(ev.event_key, body_key(body));
+        assert_eq!(ev.payment_id.as_deref(), Some("p1"));
+        assert_eq!(ev.event_type, "");
+        assert_eq!(&ev.raw_body[..], &body[..]);
+        assert_eq!(
+            unparseable(
+                Bytes::from_static(b"{not json"),
+                "x".into(),
+                SystemTime::UNIX_EPOCH
+            )
+            .payment_id,
+            None
+        );
     }
 
     #[test]

@@ -201,21 +201,33 @@ impl Data {
     pub fn money(&self, key: &str) -> Option<Money> {
         money_in(&self.0, key)
     }
+}
 
-    /// The business key: `data.id` on payment events, `data.paymentId` on refunds.
+impl Envelope {
+    /// The business key: `data.paymentId` first on `Refund*` events (a refund's own `id`,
+    /// if Coinflow ever sends one, is not the payment), `data.id` first on the others.
     pub fn payment_id(&self) -> Option<String> {
-        self.id("id").or_else(|| self.id("paymentId"))
+        let order = if self.event_type.starts_with("Refund") {
+            ["paymentId", "id"]
+        } else {
+            ["id", "paymentId"]
+        };
+        order.iter().find_map(|key| self.data.id(key))
     }
 }
 
-/// Reads a money object at `key` of `map`.
+/// Reads a money object at `key` of `map`: absent unless `cents` is an integer and
+/// `currency`, when the key is present at all, is a string. A `currency` of `null`, a
+/// number, an object or an array makes the whole amount unreadable (a `Settled` is then
+/// held), never an amount in no particular currency.
 pub fn money_in(map: &Map<String, Value>, key: &str) -> Option<Money> {
     let obj = map.get(key)?.as_object()?;
     let cents = obj.get("cents")?.as_i64()?;
-    let currency = obj
-        .get("currency")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let currency = match obj.get("currency") {
+        None => None,
+        Some(Value::String(c)) => Some(c.clone()),
+        Some(_) => return None,
+    };
     Some(Money { cents, currency })
 }
 
@@ -230,7 +242,7 @@ mod tests {
         assert_eq!(env.category, "Purchase");
         assert_eq!(env.created, "2026-11-20T17:06:05.177Z");
         assert_eq!(
-            env.data.payment_id().as_deref(),
+            env.payment_id().as_deref(),
             Some("51e5ac49-d3ad-412c-afdb-acb1a5b50b3d")
         );
         assert_eq!(
@@ -250,7 +262,7 @@ mod tests {
                         "fees":null,"total":{"cents":1.5},"wallet":7}}"#,
         )
         .unwrap();
-        assert_eq!(env.data.payment_id().as_deref(), Some("p1"));
+        assert_eq!(env.payment_id().as_deref(), Some("p1"));
         assert_eq!(
             env.data.money("subtotal"),
             Some(Money {
@@ -261,6 +273,32 @@ mod tests {
         assert_eq!(env.data.money("fees"), None);
         assert_eq!(env.data.money("total"), None);
         assert_eq!(env.data.str("wallet"), None);
+    }
+
+    #[test]
+    fn a_currency_that_is_not_a_string_makes_the_amount_unreadable() {
+        for currency in ["392", "null", "{}", "[\"USD\"]", "true"] {
+            let body = format!(
+                r#"{{"eventType":"Settled","category":"Purchase","created":"x",
+                    "data":{{"subtotal":{{"cents":500,"currency":{currency}}}}}}}"#
+            );
+            let env = Envelope::parse(body.as_bytes()).unwrap();
+            assert_eq!(env.data.money("subtotal"), None, "{currency}");
+        }
+    }
+
+    #[test]
+    fn refunds_name_their_payment_by_payment_id_first() {
+        let refund = Envelope::parse(
+            br#"{"eventType":"Refund","category":"Purchase","created":"x","data":{"id":"r1","paymentId":"p1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(refund.payment_id().as_deref(), Some("p1"));
+        let settled = Envelope::parse(
+            br#"{"eventType":"Settled","category":"Purchase","created":"x","data":{"id":"p2","paymentId":"zz"}}"#,
+        )
+        .unwrap();
+        assert_eq!(settled.payment_id().as_deref(), Some("p2"));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! - **Transport identity** ([`event_key`]): equal for redeliveries of one event. It is
 //!   `eventType` + the first present of `data.id`, `data.paymentId`,
 //!   `data.subscriptionId`, `data.chargebackId` + `created` (exactly as sent). When none
-//!   of those ids is present, the SHA-256 of the raw body is the last resort.
-//! - **Business identity** ([`crate::envelope::Data::payment_id`]): the payment id. A
+//!   of those ids is present, the SHA-256 of the raw body is the last resort
+//!   ([`body_key`]), and it is the only identity of a body that is not an envelope at all.
+//! - **Business identity** ([`crate::envelope::Envelope::payment_id`]): the payment id. A
 //!   payment is granted at most once, whatever the transport identity.
 
 use sha2::{Digest, Sha256};
@@ -32,8 +33,14 @@ pub fn event_key(envelope: &Envelope, raw_body: &[u8]) -> String {
             }
             format!("t1:{}", hex::encode(h.finalize()))
         }
-        None => format!("b1:{}", hex::encode(Sha256::digest(raw_body))),
+        None => body_key(raw_body),
     }
+}
+
+/// The transport identity of a body by its bytes alone: `b1:` + hex SHA-256. Used when
+/// the envelope carries no id, and for a body that does not parse.
+pub fn body_key(raw_body: &[u8]) -> String {
+    format!("b1:{}", hex::encode(Sha256::digest(raw_body)))
 }
 
 #[cfg(test)]

@@ -50,8 +50,11 @@ impl IngestService {
                 "required: the transport identity",
             ));
         }
-        if event.event_type.is_empty() {
-            return Err(invalid("event.event_type", "required"));
+        if event.event_type.is_empty() && event.unparseable.is_none() {
+            return Err(invalid(
+                "event.event_type",
+                "required (or set `unparseable` for a body that is not an envelope)",
+            ));
         }
         let span = tracing::Span::current();
         span.record("coinflow.event_type", event.event_type.as_str());
@@ -86,6 +89,18 @@ impl IngestService {
                     .add(1, &[KeyValue::new("reason", reason.clone())]);
             }
             self.metrics.count_entries(&ack.entries);
+        }
+        if let Some(why) = &event.unparseable
+            && !ack.duplicate
+        {
+            // With a payment id it waits in the review queue; without one, this line and
+            // `coinflow_events_held_total{reason="unparseable"}` are where it shows.
+            tracing::warn!(
+                event_key = %event.event_key,
+                payment_id = event.payment_id.as_deref().unwrap_or(""),
+                why = %why,
+                "an authenticated body that is not a Coinflow envelope was recorded and held"
+            );
         }
         tracing::info!(
             event_type = %event.event_type,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use coinflow_shared::proto::v1::{Outcome, WebhookEvent};
 
 use crate::catalog::Grant;
-use crate::decision::{Decision, GrantPlan, SETTLED};
+use crate::decision::{Decision, GrantPlan, HeldReason, SETTLED};
 use crate::lifecycle::{ChargebackPolicy, Facts};
 
 /// The kinds of ledger entries.
@@ -100,6 +100,9 @@ fn outcome_of(
             Kind::Restore => (Outcome::Restored, None),
             _ => (Outcome::Revoked, None),
         };
+    }
+    if let Decision::Hold(HeldReason::Unparseable) = decision {
+        return (Outcome::Held, Some(HeldReason::Unparseable.as_str()));
     }
     if event.event_type != SETTLED {
         return (Outcome::Recorded, None);

@@ -78,7 +78,7 @@ async fn every_fixture_gets_its_outcome() {
         let body = std::fs::read(fixtures_dir().join(file)).unwrap();
         let a = http.deliver(&stack.edge.url(), body.clone()).await;
         assert_eq!(a.status, StatusCode::OK, "{file}: {}", a.json);
-        let Some(payment_id) = Envelope::parse(&body).unwrap().data.payment_id() else {
+        let Some(payment_id) = Envelope::parse(&body).unwrap().payment_id() else {
             continue;
         };
         let p = q.payment(&payment_id).await.unwrap();
