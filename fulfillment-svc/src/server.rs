@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use coinflow_shared::limits::MAX_GRPC_MESSAGE_BYTES;
 use coinflow_shared::proto::FILE_DESCRIPTOR_SET;
 use coinflow_shared::proto::v1::fulfillment_server::FulfillmentServer;
 use coinflow_shared::proto::v1::ingest_server::IngestServer;
@@ -191,12 +192,14 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(IngestServer::with_interceptor(
-                IngestService::new(
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                IngestServer::new(IngestService::new(
                     Arc::clone(&self.store),
                     Arc::clone(&self.catalog),
                     Arc::clone(&self.metrics),
-                ),
+                ))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
                 ingest_auth,
             ))
             .add_service(FulfillmentServer::with_interceptor(

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod envelope;
 pub mod http_server;
 pub mod identity;
+pub mod limits;
 pub mod shutdown;
 pub mod signature;
 pub mod telemetry;
