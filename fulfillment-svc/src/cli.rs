@@ -26,7 +26,8 @@ pub struct Target {
         global = true
     )]
     pub server: String,
-    /// A bearer token from FULFILLMENT_API_TOKENS.
+    /// A bearer token: a query token (FULFILLMENT_API_TOKENS) for `payment` and
+    /// `entitlements`, an operator token (FULFILLMENT_OPERATOR_TOKENS) for `held`.
     #[arg(long, env = "FULFILLMENT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<SecretString>,
 }
@@ -40,8 +41,9 @@ pub enum HeldCommand {
     Approve {
         /// The payment id.
         payment_id: String,
-        /// Who decides (recorded in the ledger).
-        #[arg(long)]
+        /// Optional: the ledger records the operator the token names; a different name
+        /// here is refused.
+        #[arg(long, default_value = "")]
         operator: String,
         /// Why.
         #[arg(long, default_value = "")]
@@ -54,8 +56,9 @@ pub enum HeldCommand {
     Reject {
         /// The payment id.
         payment_id: String,
-        /// Who decides (recorded in the ledger).
-        #[arg(long)]
+        /// Optional: the ledger records the operator the token names; a different name
+        /// here is refused.
+        #[arg(long, default_value = "")]
         operator: String,
         /// Why.
         #[arg(long, default_value = "")]
@@ -129,7 +132,7 @@ pub async fn held(target: &Target, command: HeldCommand) -> Result<(), CliError>
             loop {
                 let page = client
                     .list_held(ListHeldRequest {
-                        page_size: 100,
+                        page_size: 50,
                         page_token,
                     })
                     .await?

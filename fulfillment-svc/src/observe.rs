@@ -173,18 +173,16 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let path = request.uri().path();
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("unknown", "unknown"));
-        let (service, method) = (service.to_owned(), method.to_owned());
+        // Labels and span names come from the table of served methods, never from the
+        // request: made-up paths would grow a series each.
+        let (service, method) = crate::grpc::methods::lookup(request.uri().path())
+            .map_or(("unknown", "unknown"), |m| (m.service, m.method));
         // A batch carries the trace context of each of its events, and each event gets its
         // server span in its own trace (see `grpc::ingest`); the call itself has none.
         let span = if method == BATCH_METHOD {
             tracing::Span::none()
         } else {
-            let span = server_span(&service, &method);
+            let span = server_span(service, method);
             let _ = span.set_parent(coinflow_shared::telemetry::extract(request.headers()));
             span
         };
@@ -249,8 +247,8 @@ fn grpc_status(headers: &HeaderMap) -> Option<i64> {
 struct Finish {
     span: tracing::Span,
     started: Instant,
-    service: String,
-    method: String,
+    service: &'static str,
+    method: &'static str,
     metrics: Arc<Metrics>,
     code: Option<i64>,
 }

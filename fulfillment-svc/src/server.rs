@@ -17,7 +17,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::catalog::{CatalogError, CatalogHandle};
 use crate::config::Config;
-use crate::grpc::auth::BearerAuth;
+use crate::grpc::auth::{AuthLayer, Credentials, CredentialsError};
 use crate::grpc::ingest::IngestService;
 use crate::grpc::query::QueryService;
 use crate::lifecycle::ChargebackPolicy;
@@ -35,12 +35,12 @@ pub enum StartError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// No bearer tokens, and unauthenticated serving was not asked for.
-    #[error(
-        "no API tokens: set FULFILLMENT_API_TOKENS (comma-separated), or pass \
-         --allow-unauthenticated for local development"
-    )]
-    NoTokens,
+    /// The credentials of the roles are missing or inconsistent.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// A credential setting does not parse; the message never holds its value.
+    #[error("{0}")]
+    BadCredential(String),
     /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -75,12 +75,18 @@ pub async fn open_store(
     Ok(Arc::new(SqlStore::open(url, policy, migrations).await?))
 }
 
+/// Concurrent calls (HTTP/2 streams) one connection may have open: the edge keeps at
+/// most a few `DeliverBatch` calls in flight per endpoint, so this only bounds a
+/// misbehaving client.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// A fulfillment server, bound and ready to run.
 pub struct Server {
     listener: TcpListener,
     admin_listener: TcpListener,
     store: Arc<dyn Store>,
     catalog: Arc<CatalogHandle>,
+    credentials: Arc<Credentials>,
     config: Config,
     metrics: Arc<Metrics>,
 }
@@ -88,9 +94,12 @@ pub struct Server {
 impl Server {
     /// Loads the catalog, opens and migrates the database, and binds the listener.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        if config.api_tokens.0.is_empty() && !config.allow_unauthenticated {
-            return Err(StartError::NoTokens);
-        }
+        let credentials = Arc::new(Credentials::new(
+            &config.ingest_tokens.0,
+            &config.api_tokens.0,
+            &config.operators().map_err(StartError::BadCredential)?,
+            config.allow_unauthenticated,
+        )?);
         let catalog = Arc::new(CatalogHandle::load(&config.catalog)?);
         let store = open_store(
             &config.database_url,
@@ -110,7 +119,7 @@ impl Server {
             catalog_version = %current.version,
             items = current.items.len(),
             chargeback_policy = ?config.chargeback_policy,
-            authenticated = !config.api_tokens.0.is_empty(),
+            authenticated = credentials.authenticated(),
             "catalog loaded"
         );
         let admin_listener = TcpListener::bind(config.admin_listen)
@@ -124,6 +133,7 @@ impl Server {
             admin_listener,
             store,
             catalog,
+            credentials,
             config,
             metrics: Arc::new(Metrics::new()),
         })
@@ -156,12 +166,6 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let api_auth = BearerAuth::new(self.config.api_tokens.0.clone());
-        let ingest_auth = BearerAuth::new(if self.config.ingest_tokens.0.is_empty() {
-            self.config.api_tokens.0.clone()
-        } else {
-            self.config.ingest_tokens.0.clone()
-        });
         tokio::spawn(Arc::clone(&self.catalog).watch(
             Duration::from_secs(self.config.catalog_reload_secs.max(1)),
             shutdown.clone(),
@@ -187,12 +191,19 @@ impl Server {
                 tracing::info!("shutting down: draining in-flight calls");
             }
         };
-        let serve = tonic::transport::Server::builder()
+        // Observe outermost, so refused calls are counted too; then auth, before any service.
+        let layers = tower::ServiceBuilder::new()
             .layer(ObserveLayer::new(Arc::clone(&self.metrics)))
+            .layer(AuthLayer::new(Arc::clone(&self.credentials)))
+            .into_inner();
+        let serve = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .timeout(Duration::from_secs(self.config.request_timeout_secs.max(1)))
+            .layer(layers)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
+            .add_service(
                 IngestServer::new(IngestService::new(
                     Arc::clone(&self.store),
                     Arc::clone(&self.catalog),
@@ -200,17 +211,14 @@ impl Server {
                 ))
                 .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
-                ingest_auth,
-            ))
-            .add_service(FulfillmentServer::with_interceptor(
-                QueryService::new(
-                    Arc::clone(&self.store),
-                    Arc::clone(&self.catalog),
-                    shutdown.clone(),
-                    Arc::clone(&self.metrics),
-                ),
-                api_auth,
-            ))
+            )
+            .add_service(FulfillmentServer::new(QueryService::new(
+                Arc::clone(&self.store),
+                Arc::clone(&self.catalog),
+                shutdown.clone(),
+                Arc::clone(&self.metrics),
+                self.config.max_watch_streams,
+            )))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.listener).with_nodelay(Some(true)),
                 draining,

@@ -28,6 +28,10 @@ pub const KEY: &str = "cf_whk_test_0123456789abcdef";
 pub const API_TOKEN: &str = "test-api-token";
 /// The bearer token the edge presents to ingest in every test stack.
 pub const INGEST_TOKEN: &str = "test-ingest-token";
+/// The operator every test stack knows, and their token (`FULFILLMENT_OPERATOR_TOKENS`).
+pub const OPERATOR: &str = "tester";
+/// See [`OPERATOR`].
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
 
 /// The repo's `fixtures/` folder.
 pub fn fixtures_dir() -> PathBuf {
@@ -48,6 +52,8 @@ pub fn keys(keys: &[&str]) -> SecretList {
 pub struct FulfillmentHandle {
     /// Its gRPC address.
     pub addr: SocketAddr,
+    /// Its admin address (`/metrics`).
+    pub admin: SocketAddr,
     /// Cancel to shut it down.
     pub shutdown: CancellationToken,
     /// The serving task.
@@ -64,6 +70,7 @@ impl FulfillmentHandle {
     pub fn config(db: &TestDb) -> fulfillment_svc::Config {
         let mut config = fulfillment_svc::Config::local(db.url.clone(), catalog_path(), API_TOKEN);
         config.ingest_tokens = keys(&[INGEST_TOKEN]);
+        config.operator_tokens = keys(&[&format!("{OPERATOR}:{OPERATOR_TOKEN}")]);
         config
     }
 
@@ -72,12 +79,13 @@ impl FulfillmentHandle {
         let mut config = Self::config(db);
         tweak(&mut config);
         let server = fulfillment_svc::Server::build(config).await.unwrap();
-        let addr = server.local_addr();
+        let (addr, admin) = (server.local_addr(), server.admin_addr());
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move { server.run(token).await.unwrap() });
         Self {
             addr,
+            admin,
             shutdown,
             task,
         }
@@ -169,6 +177,11 @@ impl Stack {
     pub async fn query(&self) -> Query {
         Query::connect(self.fulfillment.addr).await
     }
+
+    /// A client of the review queue, authenticated as [`OPERATOR`].
+    pub async fn operator(&self) -> QueryClient {
+        operator_client(self.fulfillment.addr).await
+    }
 }
 
 /// Adds the test API token to every call.
@@ -178,6 +191,17 @@ fn bearer(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::
     let value = format!("Bearer {API_TOKEN}").parse().unwrap();
     request.metadata_mut().insert("authorization", value);
     Ok(request)
+}
+
+fn operator_bearer(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {OPERATOR_TOKEN}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// A `Fulfillment` client at `addr` authenticated with [`OPERATOR_TOKEN`].
+pub async fn operator_client(addr: SocketAddr) -> QueryClient {
+    FulfillmentClient::with_interceptor(channel(addr).await, operator_bearer as Bearer)
 }
 
 fn ingest_bearer(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {

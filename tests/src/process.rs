@@ -125,6 +125,7 @@ impl Proc {
                     ("FULFILLMENT_ADMIN_LISTEN", "127.0.0.1:0"),
                     ("FULFILLMENT_API_TOKENS", crate::API_TOKEN),
                     ("FULFILLMENT_INGEST_TOKENS", crate::INGEST_TOKEN),
+                    ("FULFILLMENT_OPERATOR_TOKENS", "tester:test-operator-token"),
                 ],
                 env,
             ]

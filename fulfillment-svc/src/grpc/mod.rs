@@ -1,8 +1,10 @@
-//! The gRPC boundary: service implementations, bearer-token auth, and the one mapping
+//! The gRPC boundary: service implementations, the methods and their roles, bearer-token
+//! auth, and the one mapping
 //! from internal errors to gRPC status codes.
 
 pub mod auth;
 pub mod ingest;
+pub mod methods;
 pub mod query;
 
 use tonic::Status;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use coinflow_shared::convert::to_proto;
+use coinflow_shared::convert::{to_proto, unparseable};
 use coinflow_shared::envelope::Envelope;
 use coinflow_shared::proto::v1::fulfillment_server::Fulfillment;
 use coinflow_shared::proto::v1::resolve_held_request::Resolution as ResolutionField;
@@ -17,11 +17,12 @@ use coinflow_shared::proto::v1::{
     ResolveHeldRequest, ResolveHeldResponse, WatchEntitlementsRequest,
 };
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::invalid;
 use crate::catalog::CatalogHandle;
 use crate::decision::approval_plan;
@@ -36,6 +37,12 @@ const WATCH_POLL: Duration = Duration::from_secs(1);
 const WATCH_BATCH: u32 = 500;
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
+/// Held payments per `ListHeld` page at most: each carries its raw payload (up to the
+/// edge's body limit).
+const MAX_HELD_PAGE: u32 = 100;
+/// The raw payloads one `ListHeld` page carries at most (a page always has at least one),
+/// so a response stays within a client's default 4 MiB message limit.
+const MAX_HELD_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// The query service.
 pub struct QueryService {
@@ -43,21 +50,25 @@ pub struct QueryService {
     catalog: Arc<CatalogHandle>,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    watches: Arc<Semaphore>,
 }
 
 impl QueryService {
-    /// Serves over `store`; watch streams end when `shutdown` is cancelled.
+    /// Serves over `store`; at most `max_watches` watch streams at once, which end when
+    /// `shutdown` is cancelled.
     pub fn new(
         store: Arc<dyn Store>,
         catalog: Arc<CatalogHandle>,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
+        max_watches: usize,
     ) -> Self {
         Self {
             store,
             catalog,
             shutdown,
             metrics,
+            watches: Arc::new(Semaphore::new(max_watches)),
         }
     }
 }
@@ -70,10 +81,10 @@ fn payer(p: Option<pb::Payer>, field: &str) -> Result<Payer, Status> {
     }
 }
 
-fn page_size(requested: u32) -> u32 {
+fn page_size(requested: u32, max: u32) -> u32 {
     match requested {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
+        0 => DEFAULT_PAGE.min(max),
+        n => n.min(max),
     }
 }
 
@@ -182,7 +193,7 @@ impl Fulfillment for QueryService {
             since_us: micros_of(r.since, "since")?,
             until_us: micros_of(r.until, "until")?,
         };
-        let limit = page_size(r.page_size);
+        let limit = page_size(r.page_size, MAX_PAGE);
         let before = decode_token(&r.page_token)?;
         let entries = self.store.list_ledger(&filter, before, limit).await?;
         let next_page_token = match entries.last() {
@@ -209,11 +220,17 @@ impl Fulfillment for QueryService {
                 "0 or the seq of the last entry received",
             ));
         }
+        let permit = Arc::clone(&self.watches).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "too many WatchEntitlements streams on this replica; retry with backoff",
+            )
+        })?;
         let (tx, rx) = mpsc::channel(WATCH_BATCH as usize);
         let (store, shutdown) = (Arc::clone(&self.store), self.shutdown.clone());
         let mut commits = store.commits();
         let mut after = r.after_seq;
         tokio::spawn(async move {
+            let _permit = permit;
             loop {
                 commits.mark_unchanged();
                 let batch = match store
@@ -290,11 +307,22 @@ impl Fulfillment for QueryService {
         request: Request<ListHeldRequest>,
     ) -> Result<Response<ListHeldResponse>, Status> {
         let r = request.into_inner();
-        let limit = page_size(r.page_size);
+        let limit = page_size(r.page_size, MAX_HELD_PAGE);
         let after = decode_token(&r.page_token)?.unwrap_or(0);
-        let held = self.store.list_held(after, limit).await?;
+        let mut held = self.store.list_held(after, limit).await?;
+        let full = held.len() == limit as usize;
+        let mut bytes = 0;
+        let fits = held
+            .iter()
+            .position(|h| {
+                bytes += h.event.raw_body.len();
+                bytes > MAX_HELD_PAGE_BYTES
+            })
+            .map_or(held.len(), |over| over.max(1));
+        let truncated = fits < held.len();
+        held.truncate(fits);
         let next_page_token = match held.last() {
-            Some(last) if held.len() == limit as usize => encode_token(last.seq),
+            Some(last) if full || truncated => encode_token(last.seq),
             _ => String::new(),
         };
         let held = held
@@ -325,15 +353,11 @@ impl Fulfillment for QueryService {
         &self,
         request: Request<ResolveHeldRequest>,
     ) -> Result<Response<ResolveHeldResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
+        let operator = operator(caller.as_ref(), r.operator.trim())?;
         if r.payment_id.is_empty() {
             return Err(invalid("payment_id", "required"));
-        }
-        if r.operator.trim().is_empty() {
-            return Err(invalid(
-                "operator",
-                "required: who is deciding (recorded in the ledger)",
-            ));
         }
         let resolution = r
             .resolution
@@ -363,7 +387,7 @@ impl Fulfillment for QueryService {
                     r.payment_id
                 ))
             })?;
-        let event = held_event(held)?;
+        let event = held_event(held);
         let resolution = match resolution {
             ResolutionField::Approve(a) => Resolution::Approve(
                 approval_plan(&event, &self.catalog.current(), a.item.as_deref())
@@ -376,13 +400,13 @@ impl Fulfillment for QueryService {
         };
         let resolved = self
             .store
-            .resolve(&r.payment_id, &resolution, r.operator.trim(), &r.note)
+            .resolve(&r.payment_id, &resolution, &operator, &r.note)
             .await?;
         self.metrics.count_entries(&resolved.entries);
         tracing::info!(
             payment_id = %r.payment_id,
             review = %resolved.review,
-            operator = %r.operator.trim(),
+            operator = %operator,
             entries = resolved.entries.len(),
             "held payment resolved"
         );
@@ -394,14 +418,39 @@ impl Fulfillment for QueryService {
     }
 }
 
+/// Who resolves: the operator the credential names. A request naming someone else is
+/// refused; without credentials (local mode) the request's name is recorded as
+/// unverified.
+fn operator(caller: Option<&Caller>, named: &str) -> Result<String, Status> {
+    match caller {
+        Some(Caller::Credential {
+            name: Some(name), ..
+        }) => {
+            if named.is_empty() || named == &**name {
+                Ok(name.to_string())
+            } else {
+                Err(Status::permission_denied(format!(
+                    "this credential belongs to operator {name:?}, not {named:?}: leave \
+                     `operator` empty or name yourself"
+                )))
+            }
+        }
+        Some(Caller::Unauthenticated) if !named.is_empty() => Ok(format!("unverified:{named}")),
+        Some(Caller::Unauthenticated) => Err(invalid(
+            "operator",
+            "required without credentials: who is deciding (recorded as unverified)",
+        )),
+        _ => Err(Status::permission_denied(
+            "resolving needs an operator credential",
+        )),
+    }
+}
+
 /// The held event as the edge delivered it, rebuilt from its exact raw body.
-fn held_event(held: &RecordedEvent) -> Result<pb::WebhookEvent, Status> {
-    let envelope = Envelope::parse(&held.raw_body).map_err(|e| {
-        Status::internal(format!("the held event's stored body does not parse: {e}"))
-    })?;
-    Ok(to_proto(
-        envelope,
-        Bytes::clone(&held.raw_body),
-        SystemTime::now(),
-    ))
+fn held_event(held: &RecordedEvent) -> pb::WebhookEvent {
+    let raw = Bytes::clone(&held.raw_body);
+    match Envelope::parse(&held.raw_body) {
+        Ok(envelope) => to_proto(envelope, raw, SystemTime::now()),
+        Err(e) => unparseable(raw, e.to_string(), SystemTime::now()),
+    }
 }

@@ -16,6 +16,7 @@ mod grpc_surface;
 mod lifecycle;
 mod observability;
 mod review;
+mod roles;
 mod routes;
 mod scale;
 mod slow_clients;

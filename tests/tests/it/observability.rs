@@ -8,7 +8,7 @@ use coinflow_tests::bodies::{fixture, now, settled, sign, sign_at};
 use coinflow_tests::http::Http;
 use coinflow_tests::otlp::{Collector, Received};
 use coinflow_tests::process::Proc;
-use coinflow_tests::{API_TOKEN, INGEST_TOKEN, KEY};
+use coinflow_tests::{API_TOKEN, INGEST_TOKEN, KEY, OPERATOR_TOKEN};
 use http::StatusCode;
 
 /// A Settled body whose card fields are markers a leak scan can find.
@@ -232,6 +232,7 @@ async fn one_webhook_is_one_trace_across_both_services_and_nothing_secret_is_exp
         KEY,
         API_TOKEN,
         INGEST_TOKEN,
+        OPERATOR_TOKEN,
         mac.as_str(),
         "CARDSECRET",
         "velocityHold",

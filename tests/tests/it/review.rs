@@ -3,13 +3,13 @@
 use coinflow_shared::proto::v1::resolve_held_request::{Approve, Reject, Resolution};
 use coinflow_shared::proto::v1::{ListHeldRequest, ResolveHeldRequest};
 use coinflow_tests::bodies::{event, settled, wallet_of};
-use coinflow_tests::{Query, Stack, ingest, ingest_client};
+use coinflow_tests::{QueryClient, Stack, ingest, ingest_client};
 use tonic::Code;
 
 fn approve(payment: &str, item: Option<&str>) -> ResolveHeldRequest {
     ResolveHeldRequest {
         payment_id: payment.into(),
-        operator: "alice".into(),
+        operator: String::new(),
         note: "paid by bank transfer".into(),
         resolution: Some(Resolution::Approve(Approve {
             item: item.map(Into::into),
@@ -20,18 +20,18 @@ fn approve(payment: &str, item: Option<&str>) -> ResolveHeldRequest {
 fn reject(payment: &str) -> ResolveHeldRequest {
     ResolveHeldRequest {
         payment_id: payment.into(),
-        operator: "bob".into(),
+        operator: String::new(),
         note: "forged webhookInfo".into(),
         resolution: Some(Resolution::Reject(Reject {})),
     }
 }
 
-async fn held_ids(q: &mut Query) -> Vec<(String, String)> {
-    let r =
-        q.0.list_held(ListHeldRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+async fn held_ids(op: &mut QueryClient) -> Vec<(String, String)> {
+    let r = op
+        .list_held(ListHeldRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     r.held
         .into_iter()
         .map(|h| (h.payment_id, h.held_reason))
@@ -43,16 +43,17 @@ async fn held_payments_are_listed_with_reason_and_payload_then_resolved() {
     let stack = Stack::start().await;
     let mut client = ingest_client(stack.fulfillment.addr).await;
     let mut q = stack.query().await;
+    let mut op = stack.operator().await;
     let underpaid = settled("r-underpaid", "sword", 100);
     ingest(&mut client, &underpaid).await;
     ingest(&mut client, &settled("r-unknown", "dragon", 9999)).await;
     ingest(&mut client, &settled("r-fine", "sword", 500)).await;
 
-    let listed =
-        q.0.list_held(ListHeldRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+    let listed = op
+        .list_held(ListHeldRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.held.len(), 2);
     let first = &listed.held[0];
     assert_eq!(
@@ -71,14 +72,14 @@ async fn held_payments_are_listed_with_reason_and_payload_then_resolved() {
     );
 
     // Approve: granted as if it had matched, audited with the operator and note.
-    let r =
-        q.0.resolve_held(approve("r-underpaid", None))
-            .await
-            .unwrap()
-            .into_inner();
+    let r = op
+        .resolve_held(approve("r-underpaid", None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((r.review.as_str(), r.duplicate), ("approved", false));
     assert_eq!(r.entries.len(), 1);
-    assert_eq!(r.entries[0].actor, "operator:alice");
+    assert_eq!(r.entries[0].actor, "operator:tester");
     assert_eq!(r.entries[0].note.as_deref(), Some("paid by bank transfer"));
     assert_eq!(
         q.wallet(&wallet_of("r-underpaid")).await,
@@ -86,43 +87,43 @@ async fn held_payments_are_listed_with_reason_and_payload_then_resolved() {
     );
 
     // Idempotent: the same resolution again changes nothing.
-    let again =
-        q.0.resolve_held(approve("r-underpaid", None))
-            .await
-            .unwrap()
-            .into_inner();
+    let again = op
+        .resolve_held(approve("r-underpaid", None))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(again.duplicate && again.entries.is_empty());
     assert_eq!(
         q.wallet(&wallet_of("r-underpaid")).await,
         [("sword".to_owned(), 1)]
     );
     // A different resolution is refused.
-    let e = q.0.resolve_held(reject("r-underpaid")).await.unwrap_err();
+    let e = op.resolve_held(reject("r-underpaid")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("already approved"), "{}", e.message());
 
     // Reject: closed with no grant, audited in the ledger.
-    let r =
-        q.0.resolve_held(reject("r-unknown"))
-            .await
-            .unwrap()
-            .into_inner();
+    let r = op
+        .resolve_held(reject("r-unknown"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.review, "rejected");
     assert_eq!(
         (r.entries[0].kind.as_str(), r.entries[0].quantity),
         ("reject", 0)
     );
-    assert_eq!(r.entries[0].actor, "operator:bob");
+    assert_eq!(r.entries[0].actor, "operator:tester");
     assert!(q.wallet(&wallet_of("r-unknown")).await.is_empty());
     assert!(
-        q.0.resolve_held(reject("r-unknown"))
+        op.resolve_held(reject("r-unknown"))
             .await
             .unwrap()
             .into_inner()
             .duplicate
     );
 
-    assert!(held_ids(&mut q).await.is_empty(), "the queue is empty");
+    assert!(held_ids(&mut op).await.is_empty(), "the queue is empty");
     let p = q.payment("r-unknown").await.unwrap();
     assert_eq!(p.review.as_deref(), Some("rejected"));
     assert_eq!(p.held_reason, None);
@@ -133,23 +134,24 @@ async fn approving_an_unknown_item_needs_an_item_from_the_catalog() {
     let stack = Stack::start().await;
     let mut client = ingest_client(stack.fulfillment.addr).await;
     let mut q = stack.query().await;
+    let mut op = stack.operator().await;
     ingest(&mut client, &settled("r-dragon", "dragon", 9999)).await;
-    let e =
-        q.0.resolve_held(approve("r-dragon", None))
-            .await
-            .unwrap_err();
+    let e = op
+        .resolve_held(approve("r-dragon", None))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("approve.item"), "{}", e.message());
-    let e =
-        q.0.resolve_held(approve("r-dragon", Some("nope")))
-            .await
-            .unwrap_err();
+    let e = op
+        .resolve_held(approve("r-dragon", Some("nope")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    let r =
-        q.0.resolve_held(approve("r-dragon", Some("shield")))
-            .await
-            .unwrap()
-            .into_inner();
+    let r = op
+        .resolve_held(approve("r-dragon", Some("shield")))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.entries[0].item, "shield");
     assert_eq!(
         q.wallet(&wallet_of("r-dragon")).await,
@@ -162,17 +164,18 @@ async fn approval_respects_what_happened_to_the_payment_since() {
     let stack = Stack::start().await;
     let mut client = ingest_client(stack.fulfillment.addr).await;
     let mut q = stack.query().await;
+    let mut op = stack.operator().await;
     ingest(&mut client, &settled("r-refunded", "sword", 100)).await;
     ingest(
         &mut client,
         &event("Refund", "r-refunded", "sword", 100, "2026-11-22T00:00:00Z"),
     )
     .await;
-    let r =
-        q.0.resolve_held(approve("r-refunded", None))
-            .await
-            .unwrap()
-            .into_inner();
+    let r = op
+        .resolve_held(approve("r-refunded", None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.review, "approved");
     assert!(
         r.entries.is_empty(),
@@ -185,31 +188,31 @@ async fn approval_respects_what_happened_to_the_payment_since() {
 async fn resolving_what_is_not_held_says_so() {
     let stack = Stack::start().await;
     let mut client = ingest_client(stack.fulfillment.addr).await;
-    let mut q = stack.query().await;
+    let mut op = stack.operator().await;
     ingest(&mut client, &settled("r-granted", "sword", 500)).await;
-    let e =
-        q.0.resolve_held(approve("r-granted", None))
-            .await
-            .unwrap_err();
+    let e = op
+        .resolve_held(approve("r-granted", None))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("not held"));
     assert_eq!(
-        q.0.resolve_held(approve("r-nothing", None))
+        op.resolve_held(approve("r-nothing", None))
             .await
             .unwrap_err()
             .code(),
         Code::NotFound
     );
-    let mut no_operator = approve("r-granted", None);
-    no_operator.operator = " ".into();
+    let mut someone_else = approve("r-granted", None);
+    someone_else.operator = "mallory".into();
     assert_eq!(
-        q.0.resolve_held(no_operator).await.unwrap_err().code(),
-        Code::InvalidArgument
+        op.resolve_held(someone_else).await.unwrap_err().code(),
+        Code::PermissionDenied
     );
     let mut no_resolution = approve("r-granted", None);
     no_resolution.resolution = None;
     assert_eq!(
-        q.0.resolve_held(no_resolution).await.unwrap_err().code(),
+        op.resolve_held(no_resolution).await.unwrap_err().code(),
         Code::InvalidArgument
     );
 }
@@ -219,13 +222,14 @@ async fn a_matching_settled_after_a_held_one_grants_and_clears_the_hold() {
     let stack = Stack::start().await;
     let mut client = ingest_client(stack.fulfillment.addr).await;
     let mut q = stack.query().await;
+    let mut op = stack.operator().await;
     ingest(
         &mut client,
         &event("Settled", "r-second", "sword", 100, "2026-11-20T00:00:00Z"),
     )
     .await;
     assert_eq!(
-        held_ids(&mut q).await,
+        held_ids(&mut op).await,
         [("r-second".to_owned(), "underpaid".to_owned())]
     );
     ingest(
@@ -233,7 +237,7 @@ async fn a_matching_settled_after_a_held_one_grants_and_clears_the_hold() {
         &event("Settled", "r-second", "sword", 500, "2026-11-20T01:00:00Z"),
     )
     .await;
-    assert!(held_ids(&mut q).await.is_empty());
+    assert!(held_ids(&mut op).await.is_empty());
     assert_eq!(
         q.wallet(&wallet_of("r-second")).await,
         [("sword".to_owned(), 1)]
