@@ -166,13 +166,19 @@ impl Fulfillment for QueryService {
                 .find(|(e, _)| e.outcome == i32::from(Outcome::Held))
                 .and_then(|(e, _)| e.held_reason.clone())
         };
-        let payer = record.ledger.iter().find(|l| !l.wallet.is_empty());
+        // A Version 3 payment names its payer by customer id only (its wallet is empty).
+        let payer = record
+            .ledger
+            .iter()
+            .find(|l| !l.wallet.is_empty() || l.raw_customer_id.is_some());
         Ok(Response::new(GetPaymentResponse {
             payment: Some(Payment {
                 payment_id,
                 state: facts.state().as_str().to_owned(),
                 held_reason,
-                wallet: payer.map(|l| l.wallet.clone()),
+                wallet: payer
+                    .map(|l| l.wallet.clone())
+                    .filter(|w| !w.is_empty()),
                 raw_customer_id: payer.and_then(|l| l.raw_customer_id.clone()),
                 events: record.events.into_iter().map(|(e, _)| e).collect(),
                 ledger: record.ledger,

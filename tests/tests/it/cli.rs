@@ -104,3 +104,56 @@ async fn check_catalog_names_the_bad_entry() {
     .await;
     assert!(ok, "{err}");
 }
+
+#[tokio::test]
+async fn help_never_prints_a_secret_from_the_environment() {
+    let secrets = [
+        (
+            "FULFILLMENT_DATABASE_URL",
+            "postgres://u:pw-in-url@db/ledger?password=pw-in-query",
+        ),
+        ("FULFILLMENT_API_TOKENS", "query-secret"),
+        ("FULFILLMENT_INGEST_TOKENS", "ingest-secret"),
+        ("FULFILLMENT_OPERATOR_TOKENS", "alice:operator-secret"),
+        ("FULFILLMENT_TOKEN", "cli-secret"),
+        ("COINFLOW_WEBHOOK_KEYS", "webhook-key-secret"),
+        ("EDGE_INGEST_TOKEN", "edge-ingest-secret"),
+    ];
+    for (bin_name, args) in [
+        ("fulfillment-svc", &["--help"][..]),
+        ("fulfillment-svc", &["migrate", "--help"][..]),
+        ("fulfillment-svc", &["held", "approve", "--help"][..]),
+        ("webhook-edge", &["--help"][..]),
+    ] {
+        let out = tokio::process::Command::new(bin(bin_name))
+            .args(args)
+            .envs(secrets)
+            .output()
+            .await
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("Usage"),
+            "{bin_name} {args:?}: {text}"
+        );
+        for secret in [
+            "pw-in-url",
+            "pw-in-query",
+            "query-secret",
+            "ingest-secret",
+            "operator-secret",
+            "cli-secret",
+            "webhook-key-secret",
+            "edge-ingest-secret",
+        ] {
+            assert!(
+                !text.contains(secret),
+                "{bin_name} {args:?} prints {secret}"
+            );
+        }
+    }
+}

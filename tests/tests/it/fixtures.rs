@@ -3,6 +3,7 @@
 
 use coinflow_shared::envelope::Envelope;
 use coinflow_shared::proto::v1::Outcome;
+use coinflow_shared::proto::v1::payer::Id as Payer;
 use coinflow_tests::http::Http;
 use coinflow_tests::{Stack, fixtures_dir};
 use http::StatusCode;
@@ -50,6 +51,24 @@ const EXPECTED: &[(&str, Outcome, Option<&str>)] = &[
         None,
     ),
     ("variants/unknown-event-type.json", Outcome::Recorded, None),
+    (
+        "variants/settled-currency-number.json",
+        Outcome::Held,
+        Some("missing_subtotal"),
+    ),
+    (
+        "variants/settled-currency-null.json",
+        Outcome::Held,
+        Some("missing_subtotal"),
+    ),
+    ("variants/v3-settled-no-wallet.json", Outcome::Granted, None),
+    ("variants/v3-chargeback-opened.json", Outcome::Revoked, None),
+    // Refunds the credits payment above, named by paymentId, not the refund's own id.
+    (
+        "variants/refund-with-refund-id.json",
+        Outcome::Revoked,
+        None,
+    ),
 ];
 
 #[test]
@@ -98,9 +117,17 @@ async fn every_fixture_gets_its_outcome() {
         q.wallet("mygameʬuser-123").await.is_empty(),
         "the sword was refunded"
     );
-    assert_eq!(
-        q.wallet("9ATzL5Tx3mC4n8bq1wJkPk6n").await,
-        [("credits".to_owned(), 1000)]
+    assert!(
+        q.wallet("9ATzL5Tx3mC4n8bq1wJkPk6n").await.is_empty(),
+        "the credits were refunded by a refund carrying its own id"
+    );
+    assert!(q.wallet("mygameʬuser-906").await.is_empty());
+    assert!(q.wallet("mygameʬuser-907").await.is_empty());
+    assert!(
+        q.entitlements(Payer::RawCustomerId("user-910".into()))
+            .await
+            .is_empty(),
+        "the Version 3 payment was granted, then charged back"
     );
     assert_eq!(
         q.wallet("mygameʬuser-905").await,

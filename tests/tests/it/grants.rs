@@ -222,3 +222,57 @@ async fn query_errors_say_what_to_fix() {
         tonic::Code::NotFound
     );
 }
+
+#[tokio::test]
+async fn a_version_3_settled_without_a_wallet_is_granted_to_its_customer_then_charged_back() {
+    let stack = Stack::start().await;
+    let http = Http::default();
+    let a = http
+        .deliver(
+            &stack.edge.url(),
+            fixture("variants/v3-settled-no-wallet.json"),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let mut q = stack.query().await;
+    let customer = || Payer::RawCustomerId("user-910".into());
+    assert_eq!(q.entitlements(customer()).await, [("shield".to_owned(), 1)]);
+    let p = q.payment("var-v3-1").await.unwrap();
+    assert_eq!(p.raw_customer_id.as_deref(), Some("user-910"));
+    assert_eq!(p.ledger[0].wallet, "", "no wallet was sent");
+    let a = http
+        .deliver(
+            &stack.edge.url(),
+            fixture("variants/v3-chargeback-opened.json"),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(q.entitlements(customer()).await.is_empty());
+    assert_eq!(q.payment("var-v3-1").await.unwrap().state, "disputed");
+}
+
+#[tokio::test]
+async fn a_currency_that_is_not_a_string_is_held_never_granted_on_cents_alone() {
+    let stack = Stack::start().await;
+    let http = Http::default();
+    let mut q = stack.query().await;
+    for (i, currency) in ["392", "null", "{\"code\":\"USD\"}", "[\"USD\"]"]
+        .iter()
+        .enumerate()
+    {
+        let id = format!("cur-{i}");
+        let body = format!(
+            r#"{{"eventType":"Settled","category":"Purchase","created":"2026-11-21T11:00:00.000Z","data":{{"id":"{id}","wallet":"w-{id}","webhookInfo":{{"item":"sword"}},"subtotal":{{"cents":500,"currency":{currency}}}}}}}"#
+        );
+        let a = http.deliver(&stack.edge.url(), body.into_bytes()).await;
+        assert_eq!(a.status, StatusCode::OK, "{currency}");
+        let p = q.payment(&id).await.unwrap();
+        assert_eq!(p.events[0].outcome, Outcome::Held as i32, "{currency}");
+        assert_eq!(
+            p.held_reason.as_deref(),
+            Some("missing_subtotal"),
+            "{currency}"
+        );
+        assert!(q.wallet(&format!("w-{id}")).await.is_empty(), "{currency}");
+    }
+}
