@@ -351,3 +351,34 @@ async fn health_reports_not_serving_once_shutdown_begins() {
         .unwrap();
     assert_eq!(next.unwrap().unwrap().status, 2, "NOT_SERVING");
 }
+
+#[tokio::test]
+async fn watch_streams_are_capped_per_replica_and_a_closed_one_frees_its_slot() {
+    let db = TestDb::new().await;
+    let f = FulfillmentHandle::start_with(&db, |c| c.max_watch_streams = 2).await;
+    let mut q = coinflow_tests::Query::connect(f.addr).await;
+    let request = || WatchEntitlementsRequest {
+        payer: wallet("w"),
+        after_seq: 0,
+    };
+    let first = q.0.watch_entitlements(request()).await.unwrap();
+    let _second = q.0.watch_entitlements(request()).await.unwrap();
+    let e = q.0.watch_entitlements(request()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    drop(first);
+    // The stream's task notices the closed stream at its next wake-up (a commit or the
+    // 1 s poll) and gives its slot back.
+    let mut reopened = None;
+    for _ in 0..50 {
+        match q.0.watch_entitlements(request()).await {
+            Ok(stream) => {
+                reopened = Some(stream);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reopened.is_some(), "the closed stream's slot came back");
+    f.stop().await;
+}

@@ -243,3 +243,55 @@ async fn a_matching_settled_after_a_held_one_grants_and_clears_the_hold() {
         [("sword".to_owned(), 1)]
     );
 }
+
+#[tokio::test]
+async fn list_held_pages_are_bounded_in_count_and_bytes() {
+    let stack = Stack::start().await;
+    let mut client = ingest_client(stack.fulfillment.addr).await;
+    let mut op = stack.operator().await;
+    // 120 small held payments and 20 of ~200 KiB each.
+    for i in 0..120 {
+        ingest(&mut client, &settled(&format!("page-{i:03}"), "sword", 1)).await;
+    }
+    let pad = "x".repeat(200 * 1024);
+    for i in 0..20 {
+        let body = format!(
+            r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{{"id":"page-big-{i:02}","wallet":"w","webhookInfo":{{"item":"sword"}},"subtotal":{{"cents":1}},"pad":"{pad}"}}}}"#
+        );
+        ingest(&mut client, body.as_bytes()).await;
+    }
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = op
+            .list_held(ListHeldRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.held.len() <= 100, "{} on one page", page.held.len());
+        let bytes: usize = page
+            .held
+            .iter()
+            .map(|h| h.event.as_ref().unwrap().raw_body.len())
+            .sum();
+        assert!(
+            page.held.len() == 1 || bytes <= 3 * 1024 * 1024,
+            "{bytes} bytes of payloads on one page"
+        );
+        seen.extend(page.held.into_iter().map(|h| h.payment_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 140, "every held payment, once");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 140);
+    assert!(pages >= 3, "{pages} pages");
+}
