@@ -383,7 +383,8 @@ async fn metrics_count_exactly_what_was_sent() {
     );
     assert_eq!(
         http.deliver(&url, b"{not json".to_vec()).await.status,
-        StatusCode::BAD_REQUEST
+        StatusCode::OK,
+        "recorded and held"
     );
 
     let e = scrape(edge.admin).await;
@@ -394,7 +395,7 @@ async fn metrics_count_exactly_what_was_sent() {
             "http_server_request_duration_seconds_count",
             &[route, ("http_response_status_code", "200")]
         ),
-        5.0,
+        6.0,
         "{e}"
     );
     assert_eq!(
@@ -411,7 +412,7 @@ async fn metrics_count_exactly_what_was_sent() {
             "http_server_request_duration_seconds_count",
             &[route, ("http_response_status_code", "400")]
         ),
-        1.0
+        0.0
     );
     assert_eq!(
         sample(
@@ -438,7 +439,7 @@ async fn metrics_count_exactly_what_was_sent() {
                 ("rpc_grpc_status_code", "0")
             ]
         ),
-        5.0
+        6.0
     );
 
     let f = scrape(fulfillment.admin).await;
@@ -467,6 +468,14 @@ async fn metrics_count_exactly_what_was_sent() {
     assert_eq!(
         sample(
             &f,
+            "coinflow_events_held_total",
+            &[("reason", "unparseable")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &f,
             "coinflow_ledger_entries_total",
             &[("kind", "grant"), ("sku", "sword")]
         ),
@@ -489,7 +498,7 @@ async fn metrics_count_exactly_what_was_sent() {
                 ("rpc_grpc_status_code", "0")
             ]
         ),
-        5.0
+        6.0
     );
     // The queue gauges refresh every 2 s.
     let mut f = f;
