@@ -2,9 +2,9 @@
 //! hand to ingest, and answer 200 only after ingest acked.
 //!
 //! Recorded or retried: once a delivery is authenticated, nothing about its bytes can get
-//! it refused. A body that is not a v2 envelope is delivered as an
-//! [`unparseable`](coinflow_shared::convert::unparseable) event (fulfillment records and
-//! holds it), and whatever keeps ingest from acking is a 503, which Coinflow retries.
+//! it refused. A body that is not a v2 envelope is delivered as an `unparseable` event
+//! ([`coinflow_shared::convert::unparseable`]; fulfillment records and holds it), and
+//! whatever keeps ingest from acking is a 503, which Coinflow retries.
 
 use std::sync::Arc;
 use std::time::SystemTime;
