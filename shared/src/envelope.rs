@@ -1,8 +1,9 @@
 //! The Coinflow v2 webhook envelope: `{eventType, category, created, data}`.
 //!
-//! Only the envelope is strict: a missing or mistyped envelope key is a bad request.
-//! Everything inside `data` is read leniently by [`Data`], because its shape varies by
-//! event family and Coinflow adds fields over time; the raw body keeps what isn't read.
+//! Only the envelope is strict: with a missing or mistyped envelope key the body is not an
+//! envelope (the edge then delivers it as [`crate::convert::unparseable`], never refuses
+//! it). Everything inside `data` is read leniently by [`Data`], because its shape varies
+//! by event family and Coinflow adds fields over time; the raw body keeps what isn't read.
 
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{MapAccess, Visitor};

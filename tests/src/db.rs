@@ -90,6 +90,17 @@ impl TestDb {
         }
     }
 
+    /// The stored outcome and held reason of the event `event_key`, when it is recorded.
+    pub async fn event_outcome(&self, event_key: &str) -> Option<(String, Option<String>)> {
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&self.url).await.unwrap();
+        sqlx::query_as("SELECT outcome, held_reason FROM events WHERE event_key = $1")
+            .bind(event_key)
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap()
+    }
+
     /// Extra flags the service needs for this database.
     pub fn flags(&self) -> &'static [&'static str] {
         match self.backend {

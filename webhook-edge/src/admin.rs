@@ -17,7 +17,7 @@ const INGEST_SERVICE: &str = "coinflow.fulfillment.v1.Ingest";
 
 /// Ready when not shutting down and the primary route's ingest answers SERVING within a
 /// second.
-pub fn readiness(primary: Option<IngestTarget>, shutdown: CancellationToken) -> Readiness {
+pub fn readiness(primary: IngestTarget, shutdown: CancellationToken) -> Readiness {
     Arc::new(move || {
         let (primary, shutdown) = (primary.clone(), shutdown.clone());
         Box::pin(async move {
@@ -25,7 +25,7 @@ pub fn readiness(primary: Option<IngestTarget>, shutdown: CancellationToken) -> 
                 return Err("shutting down".to_owned());
             }
             let channel = primary
-                .and_then(|t| t.channel())
+                .channel()
                 .ok_or_else(|| "no ingest endpoint resolved".to_owned())?;
             ingest_serving(channel).await
         })

@@ -11,18 +11,25 @@
 //! which is what makes the per-call cost of gRPC (framing, syscalls, task hand-offs) small
 //! per event (see BENCHMARKS.md). Each event keeps its own deadline, result and trace. An
 //! endpoint that answers `DeliverBatch` with UNIMPLEMENTED gets `Deliver` per event.
+//!
+//! A call is capped by bytes as well as events ([`MAX_BATCH_BYTES`]; a larger event goes
+//! alone), and a call of several events that fails as a whole with a code that is not
+//! retried is split: each of its events is tried again in a call of its own, so one event
+//! never fails its neighbours.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use coinflow_shared::limits::{MAX_BATCH_BYTES, MAX_GRPC_MESSAGE_BYTES};
 use coinflow_shared::proto::v1::deliver_result::Result as BatchResult;
 use coinflow_shared::proto::v1::ingest_client::IngestClient;
 use coinflow_shared::proto::v1::{
-    BatchedEvent, DeliverBatchRequest, DeliverRequest, DeliverResponse, WebhookEvent,
+    BatchedEvent, DeliverBatchRequest, DeliverRequest, DeliverResponse, DeliverResult, WebhookEvent,
 };
 use opentelemetry::KeyValue;
+use prost::Message as _;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep, timeout_at};
@@ -38,12 +45,19 @@ use crate::observe::Metrics;
 const COOLDOWN: Duration = Duration::from_secs(2);
 /// The most events one `DeliverBatch` call carries.
 const MAX_BATCH: usize = 64;
+/// What one `DeliverBatch` call carries at most.
+const CALL_LIMITS: CallLimits = CallLimits {
+    events: MAX_BATCH,
+    bytes: MAX_BATCH_BYTES,
+};
 /// `DeliverBatch` calls one endpoint has in flight at once.
 const IN_FLIGHT_CALLS: usize = 4;
 /// Events that may wait for a call to one endpoint.
 const QUEUED: usize = 1024;
 /// Why an event is handed back when its endpoint turned out to lack `DeliverBatch`.
 const RETRY_UNARY: &str = "the endpoint has no DeliverBatch; retrying with Deliver";
+/// Why an event is handed back when the call it shared failed as a whole.
+const RETRY_ALONE: &str = "the shared call failed as a whole; retrying in a call of its own";
 
 /// Why a delivery was not acked.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +77,20 @@ pub enum DeliverError {
     /// No endpoint is known yet (DNS returned nothing).
     #[error("no ingest endpoint resolved")]
     NoEndpoint,
+}
+
+impl DeliverError {
+    /// Whether a later delivery may succeed with nothing fixed: no ack in time, no
+    /// endpoint, or a code that is retried. Anything else is a bug or a misconfiguration.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Deadline(_) | Self::NoEndpoint => true,
+            Self::Status(status) => {
+                retryable(status.code()) || status.code() == Code::DeadlineExceeded
+            }
+            Self::BadEndpoints(..) | Self::BadToken => false,
+        }
+    }
 }
 
 /// Where a target's endpoints come from.
@@ -104,10 +132,41 @@ impl Endpoints {
 
 /// One event waiting for its `DeliverBatch` call.
 struct Pending {
-    event: WebhookEvent,
-    trace_context: HashMap<String, String>,
+    batched: BatchedEvent,
+    /// `batched`'s encoded size.
+    size: usize,
     deadline: Instant,
     reply: oneshot::Sender<Result<DeliverResponse, Status>>,
+}
+
+/// What one call may carry.
+#[derive(Debug, Clone, Copy)]
+struct CallLimits {
+    events: usize,
+    bytes: usize,
+}
+
+/// Fills `call` with `first`, then with what `more` yields while `call` stays within
+/// `limits` (the `size` of its items summed). `first` goes however large it is; the first
+/// item that does not fit is handed back, to open the next call.
+fn fill<T>(
+    call: &mut Vec<T>,
+    first: T,
+    limits: CallLimits,
+    size: impl Fn(&T) -> usize,
+    mut more: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let mut bytes = size(&first);
+    call.push(first);
+    while call.len() < limits.events {
+        let next = more()?;
+        bytes = bytes.saturating_add(size(&next));
+        if bytes > limits.bytes {
+            return Some(next);
+        }
+        call.push(next);
+    }
+    None
 }
 
 /// What every call to one endpoint needs.
@@ -119,6 +178,8 @@ struct Caller {
     route: Arc<str>,
     /// Set once the endpoint answered `DeliverBatch` with UNIMPLEMENTED.
     unary: Arc<AtomicBool>,
+    /// The endpoint's `DeliverBatch` calls in flight, at most [`IN_FLIGHT_CALLS`].
+    slots: Arc<Semaphore>,
 }
 
 impl Caller {
@@ -177,6 +238,55 @@ impl Caller {
             .await
     }
 
+    /// One `DeliverBatch` call of `events`, until `deadline`: a result per event.
+    async fn call_batch(
+        &self,
+        events: Vec<BatchedEvent>,
+        deadline: Instant,
+    ) -> Result<Vec<DeliverResult>, Status> {
+        let sent = events.len();
+        let request = self.request(DeliverBatchRequest { events }, deadline);
+        let results = self
+            .call(
+                "DeliverBatch",
+                deadline,
+                self.client.clone().deliver_batch(request),
+            )
+            .await?
+            .results;
+        if results.len() != sent {
+            return Err(Status::internal(format!(
+                "ingest answered {} results for {sent} events",
+                results.len()
+            )));
+        }
+        Ok(results)
+    }
+
+    /// What each event of a call of `events` that failed as a whole with `status` is
+    /// answered: an endpoint without `DeliverBatch` is switched to `Deliver`, and a call
+    /// of several events refused with a code that is not retried is split.
+    fn failed_whole(&self, status: Status, events: usize) -> Status {
+        let code = status.code();
+        if code == Code::Unimplemented {
+            tracing::info!(route = %self.route, "the ingest endpoint has no DeliverBatch: using Deliver");
+            self.unary.store(true, Ordering::Relaxed);
+            // ABORTED: retried at once, without setting the endpoint aside.
+            return Status::aborted(RETRY_UNARY);
+        }
+        if events > 1 && !retryable(code) && code != Code::DeadlineExceeded {
+            tracing::warn!(
+                route = %self.route,
+                code = %code,
+                message = status.message(),
+                events,
+                "a DeliverBatch call failed as a whole: retrying each of its events alone"
+            );
+            return Status::aborted(RETRY_ALONE);
+        }
+        status
+    }
+
     /// One `DeliverBatch` call; answers each event. Holds `slot` while in flight.
     async fn deliver_batch(self, mut batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
         batch.retain(|p| !p.reply.is_closed());
@@ -185,79 +295,79 @@ impl Caller {
         };
         let events = batch
             .iter_mut()
-            .map(|p| BatchedEvent {
-                event: Some(std::mem::take(&mut p.event)),
-                trace_context: std::mem::take(&mut p.trace_context),
-            })
+            .map(|p| std::mem::take(&mut p.batched))
             .collect();
-        let request = self.request(DeliverBatchRequest { events }, deadline);
-        let result = self
-            .call(
-                "DeliverBatch",
-                deadline,
-                self.client.clone().deliver_batch(request),
-            )
-            .await;
+        let result = self.call_batch(events, deadline).await;
         drop(slot);
-        let results = match result {
-            Ok(response) => response.results,
+        match result {
+            Ok(results) => {
+                for (p, result) in batch.into_iter().zip(results) {
+                    let _ = p.reply.send(answer(result));
+                }
+            }
             Err(status) => {
-                let status = if status.code() == Code::Unimplemented {
-                    tracing::info!(route = %self.route, "the ingest endpoint has no DeliverBatch: using Deliver");
-                    self.unary.store(true, Ordering::Relaxed);
-                    // ABORTED: retried at once, without setting the endpoint aside.
-                    Status::aborted(RETRY_UNARY)
-                } else {
-                    status
-                };
-                return fail_all(batch, &status);
+                let status = self.failed_whole(status, batch.len());
+                for p in batch {
+                    let _ = p.reply.send(Err(status.clone()));
+                }
             }
-        };
-        if results.len() != batch.len() {
-            let status = Status::internal(format!(
-                "ingest answered {} results for {} events",
-                results.len(),
-                batch.len()
-            ));
-            return fail_all(batch, &status);
         }
-        for (p, result) in batch.into_iter().zip(results) {
-            let _ = p.reply.send(match result.result {
-                Some(BatchResult::Ack(ack)) => Ok(ack),
-                Some(BatchResult::Failure(f)) => Err(Status::new(Code::from(f.code), f.message)),
-                None => Err(Status::internal("ingest answered an empty result")),
-            });
-        }
+    }
+
+    /// `batched` in a `DeliverBatch` call of its own, taking one of the endpoint's slots.
+    async fn deliver_alone(
+        &self,
+        batched: BatchedEvent,
+        deadline: Instant,
+    ) -> Result<DeliverResponse, Status> {
+        let _slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the endpoint's batcher stopped"))?;
+        let results = self
+            .call_batch(vec![batched], deadline)
+            .await
+            .map_err(|status| self.failed_whole(status, 1))?;
+        results.into_iter().next().map_or_else(
+            || Err(Status::internal("ingest answered no result")),
+            answer,
+        )
     }
 }
 
-/// Answers every event of a call that failed as a whole.
-fn fail_all(batch: Vec<Pending>, status: &Status) {
-    for p in batch {
-        let _ = p.reply.send(Err(status.clone()));
+/// One event's answer in a `DeliverBatch` response.
+fn answer(result: DeliverResult) -> Result<DeliverResponse, Status> {
+    match result.result {
+        Some(BatchResult::Ack(ack)) => Ok(ack),
+        Some(BatchResult::Failure(f)) => Err(Status::new(Code::from(f.code), f.message)),
+        None => Err(Status::internal("ingest answered an empty result")),
     }
 }
 
-/// Sends what waits in `queue` to the endpoint, at most [`IN_FLIGHT_CALLS`] calls at once
-/// and [`MAX_BATCH`] events per call. Ends when the endpoint is dropped.
+/// Sends what waits in `queue` to the endpoint, at most [`IN_FLIGHT_CALLS`] calls at once,
+/// each within [`CALL_LIMITS`]. Ends when the endpoint is dropped.
 async fn batch(mut queue: mpsc::Receiver<Pending>, caller: Caller) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT_CALLS));
+    let mut left_over = None;
     loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+        let Ok(slot) = Arc::clone(&caller.slots).acquire_owned().await else {
             return;
         };
-        let Some(first) = queue.recv().await else {
-            return;
+        let first = match left_over.take() {
+            Some(p) => p,
+            None => match queue.recv().await {
+                Some(p) => p,
+                None => return,
+            },
         };
-        let mut batch = Vec::with_capacity(MAX_BATCH.min(queue.len() + 1));
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        tokio::spawn(caller.clone().deliver_batch(batch, slot));
+        let mut call = Vec::with_capacity(MAX_BATCH.min(queue.len() + 1));
+        left_over = fill(
+            &mut call,
+            first,
+            CALL_LIMITS,
+            |p: &Pending| p.size,
+            || queue.try_recv().ok(),
+        );
+        tokio::spawn(caller.clone().deliver_batch(call, slot));
     }
 }
 
@@ -283,12 +393,16 @@ impl Member {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
+        let client = IngestClient::new(channel.clone())
+            .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let caller = Caller {
-            client: IngestClient::new(channel.clone()),
+            client,
             bearer: base.bearer.clone(),
             metrics: Arc::clone(&base.metrics),
             route: Arc::clone(&base.route),
             unary: Arc::default(),
+            slots: Arc::new(Semaphore::new(IN_FLIGHT_CALLS)),
         };
         let (queue, waiting) = mpsc::channel(QUEUED);
         tokio::spawn(batch(waiting, caller.clone()));
@@ -301,22 +415,31 @@ impl Member {
         })
     }
 
-    /// Delivers `event` in the endpoint's next call; `span` is the attempt's client span.
+    /// Delivers `event` in the endpoint's next call, or in a call of its own when `alone`;
+    /// `span` is the attempt's client span.
     async fn deliver(
         &self,
         event: &WebhookEvent,
         span: &tracing::Span,
         deadline: Instant,
+        alone: bool,
     ) -> Result<DeliverResponse, Status> {
         if self.caller.unary.load(Ordering::Relaxed) {
             // Boxed: tonic's unary call future is ~11 KiB, and every delivery's future
             // would carry (and move) that space for this rare path.
             return Box::pin(self.caller.deliver(event, span, deadline)).await;
         }
+        let batched = BatchedEvent {
+            event: Some(event.clone()),
+            trace_context: coinflow_shared::telemetry::context_map(span),
+        };
+        if alone {
+            return Box::pin(self.caller.deliver_alone(batched, deadline)).await;
+        }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
-            event: event.clone(),
-            trace_context: coinflow_shared::telemetry::context_map(span),
+            size: batched.encoded_len(),
+            batched,
             deadline,
             reply,
         };
@@ -438,6 +561,8 @@ impl IngestTarget {
     pub async fn deliver(&self, event: &WebhookEvent) -> Result<DeliverResponse, DeliverError> {
         let deadline = Instant::now() + self.deadline;
         let mut backoff = Duration::from_millis(20);
+        // Set once a call this event shared failed as a whole: from then on it goes alone.
+        let mut alone = false;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -477,7 +602,7 @@ impl IngestTarget {
             };
             let result = timeout_at(
                 attempt_deadline,
-                member.deliver(event, &span, attempt_deadline),
+                member.deliver(event, &span, attempt_deadline, alone),
             )
             .instrument(span.clone())
             .await
@@ -502,7 +627,11 @@ impl IngestTarget {
                 Err(_) if timed_out => {
                     return Err(DeliverError::Deadline(self.deadline));
                 }
-                Err(status) if retryable(code) || code == Code::DeadlineExceeded => {
+                Err(status) if code == Code::Aborted && status.message() == RETRY_UNARY => {}
+                Err(status) if code == Code::Aborted && status.message() == RETRY_ALONE => {
+                    alone = true;
+                }
+                Err(_) if retryable(code) || code == Code::DeadlineExceeded => {
                     tracing::debug!(code = %code, endpoint = %member.key, "ingest transient failure; retrying");
                     if matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled) {
                         // The endpoint itself is likely gone: try the others first.
@@ -510,9 +639,6 @@ impl IngestTarget {
                         if self.live_members() > 0 {
                             continue;
                         }
-                    }
-                    if code == Code::Aborted && status.message() == RETRY_UNARY {
-                        continue;
                     }
                     sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -622,6 +748,80 @@ mod tests {
         assert!(Endpoints::parse("dns://svc").is_err());
         assert!(Endpoints::parse("").is_err());
         assert!(Endpoints::parse("not a url").is_err());
+    }
+
+    /// Splits items of `sizes` into calls the way the batcher does.
+    fn calls(sizes: &[usize], limits: CallLimits) -> Vec<Vec<usize>> {
+        let mut queue = sizes.iter().copied();
+        let mut out = Vec::new();
+        let mut left_over = None;
+        while let Some(first) = left_over.take().or_else(|| queue.next()) {
+            let mut call = Vec::new();
+            left_over = fill(&mut call, first, limits, |n| *n, || queue.next());
+            out.push(call);
+        }
+        out
+    }
+
+    #[test]
+    fn calls_are_capped_by_bytes_and_by_events() {
+        let limits = CallLimits {
+            events: 3,
+            bytes: 250,
+        };
+        assert_eq!(calls(&[100, 100, 100], limits), [vec![100, 100], vec![100]]);
+        assert_eq!(calls(&[100, 150, 1], limits), [vec![100, 150], vec![1]]);
+        assert_eq!(calls(&[1, 1, 1, 1, 1], limits), [vec![1, 1, 1], vec![1, 1]]);
+        // A larger event goes alone, neither holding back nor joining its neighbours.
+        assert_eq!(
+            calls(&[10, 1000, 10, 10], limits),
+            [vec![10], vec![1000], vec![10, 10]]
+        );
+        assert_eq!(calls(&[1000, 1000], limits), [vec![1000], vec![1000]]);
+        assert_eq!(calls(&[usize::MAX, 1], limits), [vec![usize::MAX], vec![1]]);
+        // Nothing is lost or reordered.
+        let sizes: Vec<usize> = (0..500).map(|i| (i * 37) % 300).collect();
+        let split = calls(&sizes, limits);
+        assert_eq!(split.concat(), sizes);
+        for call in &split {
+            assert!(call.len() <= 3);
+            assert!(
+                call.len() == 1 || call.iter().sum::<usize>() <= 250,
+                "{call:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn events_of_200_kib_share_calls_within_the_batch_byte_limit() {
+        let event = |n: usize| {
+            let body = format!(
+                r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{{"id":"p{n}","memo":"{}"}}}}"#,
+                "x".repeat(200 * 1024)
+            );
+            let envelope = coinflow_shared::envelope::Envelope::parse(body.as_bytes()).unwrap();
+            BatchedEvent {
+                event: Some(coinflow_shared::convert::to_proto(
+                    envelope,
+                    body.into(),
+                    std::time::SystemTime::UNIX_EPOCH,
+                )),
+                trace_context: [("traceparent".to_owned(), "00-x-y-01".to_owned())].into(),
+            }
+        };
+        let sizes: Vec<usize> = (0..64).map(|n| event(n).encoded_len()).collect();
+        let split = calls(&sizes, CALL_LIMITS);
+        assert!(
+            split.len() > 1,
+            "64 events of 200 KiB cannot share one call"
+        );
+        for call in &split {
+            assert!(
+                call.len() > 1,
+                "200 KiB events still share calls: {split:?}"
+            );
+            assert!(call.iter().sum::<usize>() <= MAX_BATCH_BYTES);
+        }
     }
 
     #[test]

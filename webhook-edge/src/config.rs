@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use coinflow_shared::config::{SecretList, parse_secret_list};
+use coinflow_shared::limits::MAX_BODY_BYTES;
 
 use crate::auth::AuthMode;
 
@@ -34,7 +35,8 @@ pub struct Config {
     /// How often `dns://` endpoints are re-resolved, in seconds.
     #[arg(long, env = "EDGE_RESOLVE_INTERVAL_SECS", default_value_t = 5)]
     pub resolve_interval_secs: u64,
-    /// The bearer token fulfillment's ingest expects (FULFILLMENT_INGEST_TOKENS).
+    /// The bearer token fulfillment's ingest expects (FULFILLMENT_INGEST_TOKENS), for the
+    /// default route only: each route of a routes file names its own.
     #[arg(long, env = "EDGE_INGEST_TOKEN", hide_env_values = true)]
     pub ingest_token: Option<secrecy::SecretString>,
     /// Active Webhook Validation Keys, comma-separated (several during rotation).
@@ -52,7 +54,7 @@ pub struct Config {
     /// How far `Coinflow-Signature`'s `t` may be from now, in seconds.
     #[arg(long, env = "EDGE_SIGNATURE_TOLERANCE_SECS", default_value_t = 300)]
     pub signature_tolerance_secs: i64,
-    /// The largest body accepted, in bytes.
+    /// The largest body accepted, in bytes (at most 1 MiB; real events are a few KiB).
     #[arg(long, env = "EDGE_BODY_LIMIT_BYTES", default_value_t = 256 * 1024)]
     pub body_limit_bytes: usize,
     /// The budget for fulfillment's ack, retries included, in milliseconds.
@@ -93,6 +95,12 @@ pub enum ConfigError {
     /// A zero where a positive number is needed.
     #[error("{0} must be positive")]
     Zero(&'static str),
+    /// A body limit above what both services agree on.
+    #[error(
+        "EDGE_BODY_LIMIT_BYTES is {0}, above the most the edge may accept ({MAX_BODY_BYTES} \
+         bytes): a larger body could make an event that ingest refuses on every retry"
+    )]
+    BodyLimit(usize),
 }
 
 impl Config {
@@ -115,6 +123,9 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
             }
+        }
+        if self.body_limit_bytes > MAX_BODY_BYTES {
+            return Err(ConfigError::BodyLimit(self.body_limit_bytes));
         }
         Ok(())
     }
@@ -145,5 +156,24 @@ impl Config {
 
     pub(crate) fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_limit_may_not_pass_the_shared_maximum() {
+        let keys = parse_secret_list("k").unwrap();
+        let mut config = Config::local(keys, "http://127.0.0.1:1".into());
+        config.body_limit_bytes = MAX_BODY_BYTES;
+        assert!(config.validate().is_ok());
+        config.body_limit_bytes = MAX_BODY_BYTES + 1;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("EDGE_BODY_LIMIT_BYTES") && message.contains("1048576"),
+            "{message}"
+        );
     }
 }

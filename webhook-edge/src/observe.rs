@@ -1,13 +1,18 @@
 //! Traces and RED metrics for the webhook route: a tower layer that opens the HTTP server
 //! span (continuing an incoming `traceparent`), records the status, and feeds the
 //! `http.server.request.duration` histogram; and the edge's other instruments.
+//!
+//! No label takes a value from the request as sent: a method outside the standard ones is
+//! `_OTHER` ([`method_label`]), a path other than the webhook's is `other`, and the rest
+//! are the edge's own (status, gRPC code, route names from config, fixed reasons). A sender
+//! inventing methods or paths cannot grow `/metrics`.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use tower::{Layer, Service};
@@ -67,6 +72,23 @@ impl Default for Metrics {
     }
 }
 
+/// The `http.request.method` of `method`: its name when it is one of the standard
+/// methods, else `_OTHER` (as the HTTP semantic conventions say).
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    }
+}
+
 /// Wraps the route in its server span and request metrics.
 #[derive(Clone)]
 pub struct ObserveLayer {
@@ -122,7 +144,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let method = request.method().as_str().to_owned();
+        let method = method_label(request.method());
         let route: Arc<str> = if request.uri().path() == &*self.layer.route {
             Arc::clone(&self.layer.route)
         } else {
@@ -168,5 +190,28 @@ where
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_standard_methods_keep_their_name() {
+        for name in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ] {
+            assert_eq!(
+                method_label(&Method::from_bytes(name.as_bytes()).unwrap()),
+                name
+            );
+        }
+        for name in ["get", "PROPFIND", "X-INVENTED-1234", "_OTHER"] {
+            assert_eq!(
+                method_label(&Method::from_bytes(name.as_bytes()).unwrap()),
+                "_OTHER"
+            );
+        }
     }
 }

@@ -1,6 +1,11 @@
 //! Every answer the edge gives, and the one mapping from an error to its HTTP status.
 //! Bodies are small JSON for humans: `{"success":true}` or
 //! `{"success":false,"error":"…"}`.
+//!
+//! Every error but [`EdgeError::Unauthorized`] and [`EdgeError::Unavailable`] is found
+//! before the body is authenticated. After authentication the only answer but 200 is 503
+//! ([`EdgeError::Unavailable`]), so Coinflow retries; the body limit (413) is the one
+//! refusal of a body's bytes, and it applies before a signature can be checked.
 
 use bytes::Bytes;
 use http::header::{ALLOW, RETRY_AFTER};
@@ -36,9 +41,6 @@ pub enum EdgeError {
     /// Authentication failed.
     #[error("unauthorized: {0}")]
     Unauthorized(AuthError),
-    /// Not a v2 envelope.
-    #[error("{0}")]
-    BadRequest(String),
     /// Fulfillment did not ack in time, is down, or failed: Coinflow should retry.
     #[error("fulfillment unavailable; retry later")]
     Unavailable,
@@ -56,7 +58,7 @@ impl EdgeError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyRead | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyRead => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Unavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }

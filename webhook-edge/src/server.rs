@@ -56,19 +56,23 @@ impl Edge {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let routes = match &config.routes_file {
-            Some(path) => routes::load(path)?,
-            None => vec![RouteConfig {
-                name: "fulfillment".into(),
-                endpoints: config.fulfillment_url.clone(),
-                required: true,
-                categories: Vec::new(),
-                event_types: Vec::new(),
-            }],
+            Some(path) => {
+                if config.ingest_token.is_some() {
+                    tracing::warn!(
+                        "EDGE_INGEST_TOKEN is ignored: with EDGE_ROUTES_FILE each route names \
+                         its own token (token_env or token_file)"
+                    );
+                }
+                routes::load(path)?
+            }
+            None => vec![RouteConfig::fulfillment(
+                config.fulfillment_url.clone(),
+                config.ingest_token.clone(),
+            )],
         };
         let router = Router::new(
             &routes,
             Config::ms(config.deliver_deadline_ms),
-            config.ingest_token.as_ref(),
             Duration::from_secs(config.resolve_interval_secs.max(1)),
             Arc::clone(&metrics),
         )?;
@@ -130,7 +134,7 @@ impl Edge {
         let admin = serve(
             self.admin_listener,
             coinflow_shared::admin::service(readiness(
-                self.webhook.router.primary().cloned(),
+                self.webhook.router.primary().clone(),
                 shutdown.clone(),
             )),
             header_timeout,

@@ -1,5 +1,10 @@
 //! The webhook route: check the request, read the exact body, authenticate, parse once,
 //! hand to ingest, and answer 200 only after ingest acked.
+//!
+//! Recorded or retried: once a delivery is authenticated, nothing about its bytes can get
+//! it refused. A body that is not a v2 envelope is delivered as an `unparseable` event
+//! ([`coinflow_shared::convert::unparseable`]; fulfillment records and holds it), and
+//! whatever keeps ingest from acking is a 503, which Coinflow retries.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,12 +17,11 @@ use http_body_util::{BodyExt, LengthLimitError};
 use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
-use coinflow_shared::convert::to_proto;
+use coinflow_shared::convert::{to_proto, unparseable};
 use coinflow_shared::envelope::Envelope;
-use coinflow_shared::proto::v1::Outcome;
+use coinflow_shared::proto::v1::{Outcome, WebhookEvent};
 
 use crate::auth::Authenticator;
-use crate::client::DeliverError;
 use crate::observe::Metrics;
 use crate::response::{Body, EdgeError, success};
 use crate::routes::Router;
@@ -93,11 +97,7 @@ impl Webhook {
                 .check(&parts.headers, &body, unix_now())
                 .map_err(EdgeError::Unauthorized)
         })?;
-        let event = tracing::info_span!("webhook.parse").in_scope(|| {
-            Envelope::parse(&body)
-                .map(|envelope| to_proto(envelope, body, SystemTime::now()))
-                .map_err(|e| EdgeError::BadRequest(e.to_string()))
-        })?;
+        let event = tracing::info_span!("webhook.parse").in_scope(|| parse(body));
         let span = tracing::Span::current();
         span.record("coinflow.event_type", event.event_type.as_str());
         span.record("coinflow.category", event.category.as_str());
@@ -106,16 +106,7 @@ impl Webhook {
         }
         let (event_type, payment_id) = (event.event_type.clone(), event.payment_id.clone());
         match self.router.deliver(&event).await {
-            Ok(None) => {
-                tracing::info!(
-                    event_type = %event_type,
-                    payment_id = payment_id.as_deref().unwrap_or(""),
-                    latency_ms = started.elapsed().as_millis() as u64,
-                    "webhook acked: no required route takes this event"
-                );
-                Ok(())
-            }
-            Ok(Some(ack)) => {
+            Ok(ack) => {
                 let outcome = Outcome::try_from(ack.outcome)
                     .unwrap_or_default()
                     .as_str_name();
@@ -134,18 +125,56 @@ impl Webhook {
                 );
                 Ok(())
             }
-            Err(DeliverError::Status(status)) if status.code() == tonic::Code::InvalidArgument => {
-                Err(EdgeError::BadRequest(format!(
-                    "rejected by fulfillment: {}",
-                    status.message()
-                )))
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, event_type = %event_type, "ingest did not ack");
+                Err(EdgeError::Unavailable)
             }
             Err(e) => {
-                tracing::warn!(error = %e, event_type = %event_type, "ingest did not ack");
+                // A refusal after authentication is a bug here or in ingest, never the
+                // sender's fault: Coinflow must keep the event and retry once it is fixed.
+                tracing::error!(error = %e, event_type = %event_type, "ingest refused an authenticated delivery");
                 Err(EdgeError::Unavailable)
             }
         }
     }
+}
+
+/// The most of a parse error kept as the event's `unparseable` reason: serde's messages
+/// can quote the body.
+const MAX_REASON_BYTES: usize = 256;
+
+/// The event of an authenticated body: converted when it is a v2 envelope, else an
+/// `unparseable` one carrying the body and why.
+fn parse(body: Bytes) -> WebhookEvent {
+    let now = SystemTime::now();
+    match Envelope::parse(&body) {
+        Ok(envelope) => to_proto(envelope, body, now),
+        Err(e) => {
+            let why = truncate(e.to_string(), MAX_REASON_BYTES);
+            let event = unparseable(body, why, now);
+            tracing::warn!(
+                event_key = %event.event_key,
+                payment_id = event.payment_id.as_deref().unwrap_or(""),
+                bytes = event.raw_body.len(),
+                why = event.unparseable.as_deref().unwrap_or(""),
+                "authenticated body is not a v2 envelope: delivering it to be recorded and held"
+            );
+            event
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 /// Reads the whole body (capped by the stack's body limit) into one buffer.
@@ -185,4 +214,36 @@ fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(truncate("short".into(), 8), "short");
+        assert_eq!(truncate("abcdefgh".into(), 4), "abcd…");
+        assert_eq!(truncate("aé".into(), 2), "a…");
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_envelope_becomes_an_unparseable_event() {
+        let event = parse(Bytes::from_static(
+            br#"{"eventType":"Settled","eventType":"x"}"#,
+        ));
+        assert!(event.unparseable.as_deref().unwrap().contains("duplicate"));
+        assert!(event.event_type.is_empty() && event.event_key.starts_with("b1:"));
+        let long = format!(
+            r#"{{"eventType":"S","category":"P","created":"c","data":"{}"}}"#,
+            "x".repeat(10_000)
+        );
+        let event = parse(Bytes::from(long));
+        assert!(event.unparseable.unwrap().len() <= MAX_REASON_BYTES + '…'.len_utf8());
+        let event = parse(Bytes::from_static(include_bytes!(
+            "../../fixtures/settled-sword.json"
+        )));
+        assert_eq!(event.unparseable, None);
+        assert_eq!(event.event_type, "Settled");
+    }
 }

@@ -384,7 +384,8 @@ async fn metrics_count_exactly_what_was_sent() {
     );
     assert_eq!(
         http.deliver(&url, b"{not json".to_vec()).await.status,
-        StatusCode::BAD_REQUEST
+        StatusCode::OK,
+        "recorded and held"
     );
 
     let e = scrape(edge.admin).await;
@@ -395,7 +396,7 @@ async fn metrics_count_exactly_what_was_sent() {
             "http_server_request_duration_seconds_count",
             &[route, ("http_response_status_code", "200")]
         ),
-        5.0,
+        6.0,
         "{e}"
     );
     assert_eq!(
@@ -412,7 +413,7 @@ async fn metrics_count_exactly_what_was_sent() {
             "http_server_request_duration_seconds_count",
             &[route, ("http_response_status_code", "400")]
         ),
-        1.0
+        0.0
     );
     assert_eq!(
         sample(
@@ -439,7 +440,7 @@ async fn metrics_count_exactly_what_was_sent() {
                 ("rpc_grpc_status_code", "0")
             ]
         ),
-        5.0
+        6.0
     );
 
     let f = scrape(fulfillment.admin).await;
@@ -468,6 +469,14 @@ async fn metrics_count_exactly_what_was_sent() {
     assert_eq!(
         sample(
             &f,
+            "coinflow_events_held_total",
+            &[("reason", "unparseable")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &f,
             "coinflow_ledger_entries_total",
             &[("kind", "grant"), ("sku", "sword")]
         ),
@@ -490,7 +499,7 @@ async fn metrics_count_exactly_what_was_sent() {
                 ("rpc_grpc_status_code", "0")
             ]
         ),
-        5.0
+        6.0
     );
     // The queue gauges refresh every 2 s.
     let mut f = f;

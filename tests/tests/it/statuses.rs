@@ -1,10 +1,14 @@
-//! Every status the edge documents, each with its JSON body.
+//! Every status the edge documents, each with its JSON body. After authentication the
+//! only answer but 200 is 503.
 
+use coinflow_shared::identity::body_key;
 use coinflow_tests::bodies::{fixture, settled};
 use coinflow_tests::http::Http;
 use coinflow_tests::{EdgeHandle, Stack, edge_config, free_addr};
 use http::{Method, StatusCode};
 use tokio::net::TcpListener;
+
+use crate::stub::{Answer, Stub};
 
 /// A TCP peer that accepts connections, never answers, and says when it accepted one.
 async fn silent_peer() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<()>) {
@@ -42,44 +46,50 @@ async fn unauthorized_without_credentials() {
 }
 
 #[tokio::test]
-async fn bad_requests_name_the_problem_and_store_nothing() {
+async fn authenticated_bodies_that_are_not_envelopes_are_acked_and_held() {
     let stack = Stack::start().await;
     let http = Http::default();
-    for (body, needle) in [
-        (&b"{\"eventType\":\"Settled\""[..], "malformed JSON"),
-        (b"not json", "malformed JSON"),
-        (b"\xff\xfe\x00", "malformed JSON"),
-        (
-            br#"{"eventType":"Settled","category":"Purchase","created":"c"}"#,
-            "missing field `data`",
-        ),
-        (
-            br#"{"category":"Purchase","created":"c","data":{"id":"p-bad"}}"#,
-            "missing field `eventType`",
-        ),
-        (
-            br#"{"eventType":7,"category":"Purchase","created":"c","data":{"id":"p-bad"}}"#,
-            "invalid type",
-        ),
-        (
-            br#"{"eventType":"Settled","category":"Purchase","created":"c","data":"x"}"#,
-            "invalid type",
-        ),
-        (br#"[]"#, "JSON object"),
-        (br#"["Settled","Purchase","c",{}]"#, "JSON object"),
-    ] {
+    let bodies: [&[u8]; 9] = [
+        b"{\"eventType\":\"Settled\"",
+        b"not json",
+        b"\xff\xfe\x00",
+        br#"{"eventType":"Settled","category":"Purchase","created":"c"}"#,
+        br#"{"category":"Purchase","created":"c","data":{"id":"p-bad"}}"#,
+        br#"{"eventType":7,"category":"Purchase","created":"c","data":{"id":"p-bad"}}"#,
+        br#"{"eventType":"Settled","category":"Purchase","created":"c","data":"x"}"#,
+        br#"[]"#,
+        br#"["Settled","Purchase","c",{}]"#,
+    ];
+    for body in bodies {
         let a = http.deliver(&stack.edge.url(), body.to_vec()).await;
-        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body:?}");
-        let error = a.json["error"].as_str().unwrap();
-        assert!(
-            error.contains(needle),
-            "{error:?} should contain {needle:?}"
+        assert_eq!(a.status, StatusCode::OK, "{body:?}: {}", a.text);
+        assert_eq!(a.json, serde_json::json!({ "success": true }));
+        assert_eq!(
+            stack.db.event_outcome(&body_key(body)).await,
+            Some(("held".to_owned(), Some("unparseable".to_owned()))),
+            "{body:?}"
         );
     }
-    let mut q = stack.query().await;
+    // The two that name a payment wait in its review, granting nothing.
+    let payment = stack.query().await.payment("p-bad").await.unwrap();
+    assert_eq!(payment.events.len(), 2);
+    assert!(payment.ledger.is_empty());
+    assert_eq!(payment.held_reason.as_deref(), Some("unparseable"));
+}
+
+#[tokio::test]
+async fn a_refusal_by_ingest_after_authentication_is_503_never_400() {
+    let stub = Stub::start(Answer::FailEach(tonic::Code::InvalidArgument), None).await;
+    let edge = EdgeHandle::start(edge_config(stub.addr)).await;
+    let a = Http::default()
+        .deliver(&edge.url(), fixture("settled-sword.json"))
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    assert_eq!(a.headers["retry-after"], "5");
     assert_eq!(
-        q.payment("p-bad").await.unwrap_err().code(),
-        tonic::Code::NotFound
+        stub.calls().len(),
+        1,
+        "a refusal is not retried inside the deadline"
     );
 }
 
