@@ -1,0 +1,832 @@
+//! A client of Coinflow's merchant API: the webhook delivery log, resend, payments, refunds
+//! and chargebacks, what recovery and reconciliation read once Coinflow has stopped
+//! retrying a webhook (16 attempts over about 18 hours).
+//!
+//! **This module owns every endpoint path, query parameter and JSON field name it uses.**
+//! They come from Coinflow's public OpenAPI document (`/work/shared/coinflow/merchant-api.md`)
+//! and are provisional: a correction against the sandbox touches this file only. Unknown
+//! fields in answers are ignored. Names the spec does not give, and this module had to
+//! pick, are marked *provisional* where they are declared:
+//!
+//! - a payment's status: `status` (the name of the query parameter that filters on it);
+//!   values `Settled`, `Declined`, `Authorized`;
+//! - a refund: `paymentId`, `status`, `createdAt`, `totals`;
+//! - a chargeback: `chargebackId`, `paymentId`, `status` (`Opened`, `Won`, `Lost`),
+//!   `createdAt`;
+//! - `createdAt` may be epoch milliseconds or an ISO 8601 string ([`Timestamp`]);
+//! - every list endpoint answers a bare JSON array (the spec says so for deliveries and
+//!   payments), and resend answers `{"jobId": …}` with a string or a number.
+//!
+//! Transport: HTTP/1.1 over rustls (the `ring` provider, Mozilla's roots from
+//! `webpki-roots`; no system OpenSSL), and plain `http://` for a local stand-in. Every
+//! request has a connect timeout and a total timeout (answer and body). 429, 5xx, timeouts
+//! and connection failures are retried with exponential backoff, honouring `Retry-After`
+//! in seconds (an HTTP-date is ignored and the backoff used), within a bound on attempts
+//! and on the total time per request ([`RetryPolicy`]). 401 and 403 are fatal at once and
+//! name [`API_KEY_ENV`], never the key; 404 on resend is [`ApiError::DeliveryNotFound`].
+//!
+//! The API key is sent as the raw `Authorization: <key>` header, marked sensitive. It is
+//! never printed: `Debug` of [`ApiConfig`] and [`CoinflowApi`] redacts it, and every error
+//! text that carries something the server said has the key scrubbed out of it.
+//!
+//! Lists are paged with `page` (from 1) and `limit` ([`ApiConfig::page_limit`], 100 by
+//! default) until a page comes back shorter than `limit`. A server that caps `limit` below
+//! what was asked would make the first page look short and end the listing early; Coinflow
+//! documents a default of 100, which is what is asked. Entries repeated across pages
+//! (a newest-first list that grew during the sweep) are kept once, by id.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use url::Url;
+
+/// The environment variable that holds the merchant API key (not the webhook Validation
+/// Key: a different secret).
+pub const API_KEY_ENV: &str = "COINFLOW_API_KEY";
+/// Coinflow's production API.
+pub const PRODUCTION_URL: &str = "https://api.coinflow.cash/api";
+/// Coinflow's sandbox API.
+pub const SANDBOX_URL: &str = "https://api-sandbox.coinflow.cash/api";
+/// Entries asked for per page (Coinflow's documented default).
+pub const DEFAULT_PAGE_LIMIT: u32 = 100;
+/// The largest answer body read (a page of 100 deliveries is a few hundred KiB).
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// The most text of an error answer kept in an error.
+const MAX_ERROR_TEXT: usize = 300;
+
+/// Endpoint paths, as segments under the base URL.
+mod path {
+    /// `GET /merchant/webhooks`: the delivery log.
+    pub const DELIVERIES: &[&str] = &["merchant", "webhooks"];
+    /// `POST /merchant/webhooks/{webhookLogId}`: resend one delivery.
+    pub const RESEND: &[&str] = &["merchant", "webhooks"];
+    /// `GET /merchant/payments` and `GET /merchant/payments/{paymentId}`.
+    pub const PAYMENTS: &[&str] = &["merchant", "payments"];
+    /// `GET /refunds/payment/{paymentId}/all`: before and after the id.
+    pub const REFUNDS: (&[&str], &[&str]) = (&["refunds", "payment"], &["all"]);
+    /// `GET /merchant/chargebacks`.
+    pub const CHARGEBACKS: &[&str] = &["merchant", "chargebacks"];
+}
+
+/// Query parameter names.
+mod query {
+    pub const PAGE: &str = "page";
+    pub const LIMIT: &str = "limit";
+    pub const RESPONSE_CODE: &str = "responseCode";
+    pub const EVENT_TYPE: &str = "eventType";
+    pub const START_DATE: &str = "startDate";
+    pub const END_DATE: &str = "endDate";
+    pub const SINCE: &str = "since";
+    pub const UNTIL: &str = "until";
+}
+
+/// One entry of the delivery log: one attempt Coinflow made to post a webhook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// The delivery log id: what [`CoinflowApi::resend`] takes.
+    pub id: String,
+    /// The merchant.
+    #[serde(default)]
+    pub merchant_id: Option<String>,
+    /// As in the envelope.
+    pub event_type: String,
+    /// As in the envelope.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// `Legacy`, `Version 1`, `Version 2` or `Version 3`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The packet that was posted: the envelope `{eventType, category, created, data}`,
+    /// as the API returned it.
+    pub data: Box<RawValue>,
+    /// When this attempt was sent (ISO 8601, as the API wrote it; see [`Self::sent_at`]).
+    #[serde(rename = "sentAt")]
+    pub sent_at_text: String,
+    /// Where it was sent.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// What the receiver answered: its status, or Coinflow's code for no answer.
+    #[serde(default)]
+    pub response_code: Option<i64>,
+}
+
+impl Delivery {
+    /// Whether the receiver answered 200, the only answer Coinflow counts as delivered.
+    pub fn acked(&self) -> bool {
+        self.response_code == Some(200)
+    }
+
+    /// When this attempt was sent, if `sentAt` is RFC 3339.
+    pub fn sent_at(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339_weak(self.sent_at_text.trim_end_matches('Z')).ok()
+    }
+
+    /// The payment the packet is about (`data.id`, or `data.paymentId` on refunds).
+    pub fn payment_id(&self) -> Option<String> {
+        coinflow_shared::convert::best_effort_payment_id(self.data.get().as_bytes())
+    }
+}
+
+/// `createdAt`, which the spec does not type (provisional): epoch milliseconds or an
+/// ISO 8601 string.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Timestamp {
+    /// Epoch milliseconds.
+    Millis(i64),
+    /// ISO 8601 text.
+    Text(String),
+}
+
+impl Timestamp {
+    /// As epoch milliseconds, when it reads as a time.
+    pub fn millis(&self) -> Option<i64> {
+        match self {
+            Self::Millis(ms) => Some(*ms),
+            Self::Text(text) => {
+                let t = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).ok()?;
+                let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+                i64::try_from(d.as_millis()).ok()
+            }
+        }
+    }
+}
+
+/// An amount: `{"cents": integer, "currency"?: string}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Cents {
+    /// Cents.
+    pub cents: i64,
+    /// Currency, when sent.
+    #[serde(default)]
+    pub currency: Option<String>,
+}
+
+/// A payment's or a refund's `totals` (other keys ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Totals {
+    /// The price of the goods.
+    #[serde(default)]
+    pub subtotal: Option<Cents>,
+    /// Fees.
+    #[serde(default)]
+    pub fees: Option<Cents>,
+    /// Charged to the payer.
+    #[serde(default)]
+    pub total: Option<Cents>,
+}
+
+/// A payment as `GET /merchant/payments` lists it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentSummary {
+    /// The Coinflow payment id (the business key).
+    pub payment_id: String,
+    /// When the payment was created.
+    #[serde(default)]
+    pub created_at: Option<Timestamp>,
+    /// *Provisional name*: the payment's status, as filtered by the `status` query
+    /// parameter (`Settled`, `Declined`, `Authorized`).
+    #[serde(default)]
+    pub status: Option<String>,
+    /// The payer, when the payment has one (v2; v3 names the payer in `customer`).
+    #[serde(default)]
+    pub wallet: Option<String>,
+    /// The customer object, kept raw.
+    #[serde(default)]
+    pub customer: Option<Box<RawValue>>,
+    /// What the merchant passed at checkout.
+    #[serde(default)]
+    pub webhook_info: Option<serde_json::Value>,
+    /// Amounts.
+    #[serde(default)]
+    pub totals: Option<Totals>,
+}
+
+/// A refund of a payment (*provisional field names*).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refund {
+    /// The refunded payment.
+    pub payment_id: String,
+    /// `Pending`, `Invoiced`, `Settled` or `Failed`.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// When it was created.
+    #[serde(default)]
+    pub created_at: Option<Timestamp>,
+    /// Amounts.
+    #[serde(default)]
+    pub totals: Option<Totals>,
+}
+
+/// A chargeback (*provisional field names*).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Chargeback {
+    /// The chargeback's id.
+    #[serde(default)]
+    pub chargeback_id: Option<String>,
+    /// The disputed payment.
+    pub payment_id: String,
+    /// `Opened`, `Won` or `Lost`.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// When it was opened.
+    #[serde(default)]
+    pub created_at: Option<Timestamp>,
+}
+
+/// `{"jobId": …}`, a string or a number.
+#[derive(Deserialize)]
+struct ResendAnswer {
+    #[serde(rename = "jobId")]
+    job_id: serde_json::Value,
+}
+
+/// A span of `sentAt` times, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// From.
+    pub start: SystemTime,
+    /// To.
+    pub end: SystemTime,
+}
+
+impl Window {
+    /// The last `span` before now.
+    pub fn last(span: Duration) -> Self {
+        let end = SystemTime::now();
+        Self {
+            start: end.checked_sub(span).unwrap_or(SystemTime::UNIX_EPOCH),
+            end,
+        }
+    }
+}
+
+/// Server-side filters of the delivery log. The API takes one `responseCode`, so "every
+/// delivery whose answer was not 200" is all of them filtered here
+/// ([`CoinflowApi::unacked_deliveries`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryFilter {
+    /// Only deliveries the receiver answered with this.
+    pub response_code: Option<u16>,
+    /// Only this event type (exact, Title Case with spaces).
+    pub event_type: Option<String>,
+}
+
+/// How failed requests are retried: exponential backoff from `base_delay`, at most
+/// `max_delay` between two attempts unless `Retry-After` asks for longer, at most
+/// `max_attempts` attempts and never past `max_total` after the first began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// The wait after the first failure.
+    pub base_delay: Duration,
+    /// The longest computed wait.
+    pub max_delay: Duration,
+    /// The most one request may take, waits and attempts included.
+    pub max_total: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_total: Duration::from_secs(180),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before the next attempt, after `attempts` have failed and `elapsed` has
+    /// passed since the first began; `None` when the bound on attempts or total time says
+    /// to give up. `retry_after` (the server's `Retry-After`) replaces the backoff.
+    pub fn next_wait(
+        &self,
+        attempts: u32,
+        elapsed: Duration,
+        retry_after: Option<Duration>,
+    ) -> Option<Duration> {
+        if attempts >= self.max_attempts {
+            return None;
+        }
+        let wait = retry_after.unwrap_or_else(|| {
+            let factor = 2u32.saturating_pow(attempts.saturating_sub(1));
+            self.base_delay.saturating_mul(factor).min(self.max_delay)
+        });
+        (elapsed.saturating_add(wait) < self.max_total).then_some(wait)
+    }
+}
+
+/// Where the API is and how to talk to it.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// The base URL, e.g. [`PRODUCTION_URL`], [`SANDBOX_URL`] or a local stand-in's
+    /// `http://127.0.0.1:port`.
+    pub base_url: String,
+    /// The merchant API key ([`API_KEY_ENV`]).
+    pub api_key: SecretString,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// The most one attempt may take, from sending to the end of the answer's body.
+    pub request_timeout: Duration,
+    /// Entries per page.
+    pub page_limit: u32,
+    /// The most pages one listing reads before failing.
+    pub max_pages: u32,
+    /// Backoff on 429, 5xx, timeouts and connection failures.
+    pub retry: RetryPolicy,
+}
+
+impl ApiConfig {
+    /// Defaults for `base_url` with `api_key`: 10 s to connect, 30 s per attempt, pages of
+    /// 100, at most 10,000 pages, [`RetryPolicy::default`].
+    pub fn new(base_url: impl Into<String>, api_key: SecretString) -> Self {
+        Self {
+            base_url: base_url.into(),
+            api_key,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            page_limit: DEFAULT_PAGE_LIMIT,
+            max_pages: 10_000,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &"[redacted]")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("page_limit", &self.page_limit)
+            .field("max_pages", &self.max_pages)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// What went wrong talking to the merchant API. No variant carries the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The base URL is unusable.
+    #[error("invalid Coinflow API URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The key cannot be sent as a header value.
+    #[error("{API_KEY_ENV} is not a valid HTTP header value (check it for newlines)")]
+    InvalidKey,
+    /// The TLS setup failed.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// 401 or 403: fatal, retrying cannot help.
+    #[error(
+        "Coinflow's merchant API refused the API key (HTTP {status}) on {what}: check \
+         {API_KEY_ENV} (the merchant API key, not the webhook Validation Key)"
+    )]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+        /// The request.
+        what: String,
+    },
+    /// Resend of a delivery log id Coinflow does not know.
+    #[error("no webhook delivery {id:?} to resend (HTTP 404)")]
+    DeliveryNotFound {
+        /// The delivery log id.
+        id: String,
+    },
+    /// 404 on anything else.
+    #[error("{what}: not found (HTTP 404)")]
+    NotFound {
+        /// The request.
+        what: String,
+    },
+    /// Another answer that retrying cannot fix (400, 405, 422, …).
+    #[error("{what}: HTTP {status}: {text}")]
+    Status {
+        /// The request.
+        what: String,
+        /// The status.
+        status: u16,
+        /// The start of the answer's body.
+        text: String,
+    },
+    /// Retryable failures until the bound on attempts or time.
+    #[error("{what}: gave up after {attempts} attempts; last: {last}")]
+    GaveUp {
+        /// The request.
+        what: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// The answer was not the JSON expected.
+    #[error("{what}: unexpected answer: {reason}")]
+    Decode {
+        /// The request.
+        what: String,
+        /// What did not fit (a field name, usually).
+        reason: String,
+    },
+    /// The answer's body is over [`MAX_BODY_BYTES`].
+    #[error("{what}: answer over {MAX_BODY_BYTES} bytes")]
+    TooLarge {
+        /// The request.
+        what: String,
+    },
+    /// A listing went on past [`ApiConfig::max_pages`].
+    #[error("{what}: more than {pages} pages")]
+    TooManyPages {
+        /// The request.
+        what: String,
+        /// The bound.
+        pages: u32,
+    },
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Answer(StatusCode, HeaderMap, Bytes),
+    Timeout,
+    Transport(String),
+    TooLarge,
+}
+
+/// A client of Coinflow's merchant API. Cheap to clone (one connection pool).
+#[derive(Clone)]
+pub struct CoinflowApi {
+    base: Url,
+    key: HeaderValue,
+    config: ApiConfig,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
+impl fmt::Debug for CoinflowApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoinflowApi")
+            .field("base", &self.base.as_str())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CoinflowApi {
+    /// A client for `config`; nothing is sent yet.
+    pub fn new(config: ApiConfig) -> Result<Self, ApiError> {
+        let invalid = |reason: &str| ApiError::InvalidUrl {
+            url: config.base_url.clone(),
+            reason: reason.to_owned(),
+        };
+        let base = Url::parse(&config.base_url).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(invalid("must be an http:// or https:// URL"));
+        }
+        if base.query().is_some() || !base.username().is_empty() || base.password().is_some() {
+            return Err(invalid("must have no query and no credentials"));
+        }
+        let mut key = HeaderValue::from_str(config.api_key.expose_secret())
+            .map_err(|_| ApiError::InvalidKey)?;
+        key.set_sensitive(true);
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| ApiError::Tls(e.to_string()))?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Self {
+            base,
+            key,
+            client: Client::builder(TokioExecutor::new()).build(https),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ApiConfig {
+        &self.config
+    }
+
+    /// Every delivery sent in `window` that matches `filter` (`GET /merchant/webhooks`
+    /// with `startDate`/`endDate` in ISO 8601), all pages.
+    pub async fn deliveries(
+        &self,
+        window: Window,
+        filter: &DeliveryFilter,
+    ) -> Result<Vec<Delivery>, ApiError> {
+        let mut params = vec![
+            (query::START_DATE, iso8601(window.start)),
+            (query::END_DATE, iso8601(window.end)),
+        ];
+        if let Some(code) = filter.response_code {
+            params.push((query::RESPONSE_CODE, code.to_string()));
+        }
+        if let Some(event_type) = &filter.event_type {
+            params.push((query::EVENT_TYPE, event_type.clone()));
+        }
+        let all: Vec<Delivery> = self.paged(path::DELIVERIES, &params).await?;
+        let mut seen = HashSet::new();
+        Ok(all
+            .into_iter()
+            .filter(|d| seen.insert(d.id.clone()))
+            .collect())
+    }
+
+    /// Every delivery sent in `window` (of `event_type`, when given) that the receiver did
+    /// not answer with 200. The API filters on one `responseCode` only, so this lists them
+    /// all and filters here.
+    pub async fn unacked_deliveries(
+        &self,
+        window: Window,
+        event_type: Option<&str>,
+    ) -> Result<Vec<Delivery>, ApiError> {
+        let filter = DeliveryFilter {
+            response_code: None,
+            event_type: event_type.map(str::to_owned),
+        };
+        let mut all = self.deliveries(window, &filter).await?;
+        all.retain(|d| !d.acked());
+        Ok(all)
+    }
+
+    /// Asks Coinflow to post the logged packet of delivery `webhook_log_id` again, signed
+    /// as usual (`POST /merchant/webhooks/{id}`). Returns the job id.
+    pub async fn resend(&self, webhook_log_id: &str) -> Result<String, ApiError> {
+        let url = self.url(path::RESEND, &[webhook_log_id], &[], &[]);
+        let body = self
+            .call(Method::POST, url)
+            .await
+            .map_err(|e| match e {
+                ApiError::NotFound { .. } => ApiError::DeliveryNotFound {
+                    id: webhook_log_id.to_owned(),
+                },
+                other => other,
+            })?;
+        let answer: ResendAnswer = self.decode(&body, "POST resend")?;
+        Ok(match answer.job_id {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        })
+    }
+
+    /// Every payment created from `since_ms` to `until_ms` (epoch milliseconds, UTC), all
+    /// pages (`GET /merchant/payments`).
+    pub async fn payments(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<PaymentSummary>, ApiError> {
+        let params = [
+            (query::SINCE, since_ms.to_string()),
+            (query::UNTIL, until_ms.to_string()),
+        ];
+        let all: Vec<PaymentSummary> = self.paged(path::PAYMENTS, &params).await?;
+        let mut seen = HashSet::new();
+        Ok(all
+            .into_iter()
+            .filter(|p| seen.insert(p.payment_id.clone()))
+            .collect())
+    }
+
+    /// One payment (`GET /merchant/payments/{paymentId}`); `None` on 404.
+    pub async fn payment(&self, payment_id: &str) -> Result<Option<PaymentSummary>, ApiError> {
+        let url = self.url(path::PAYMENTS, &[payment_id], &[], &[]);
+        match self.call(Method::GET, url).await {
+            Ok(body) => self.decode(&body, "GET payment").map(Some),
+            Err(ApiError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A payment's refunds (`GET /refunds/payment/{paymentId}/all`).
+    pub async fn refunds(&self, payment_id: &str) -> Result<Vec<Refund>, ApiError> {
+        let (before, after) = path::REFUNDS;
+        let url = self.url(before, &[payment_id], after, &[]);
+        let body = self.call(Method::GET, url).await?;
+        self.decode(&body, "GET refunds")
+    }
+
+    /// Every chargeback from `since_ms` to `until_ms`, all pages
+    /// (`GET /merchant/chargebacks`).
+    pub async fn chargebacks(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<Chargeback>, ApiError> {
+        let params = [
+            (query::SINCE, since_ms.to_string()),
+            (query::UNTIL, until_ms.to_string()),
+        ];
+        self.paged(path::CHARGEBACKS, &params).await
+    }
+
+    fn url(
+        &self,
+        before: &[&str],
+        ids: &[&str],
+        after: &[&str],
+        params: &[(&str, String)],
+    ) -> Url {
+        let mut url = self.base.clone();
+        // Checked in `new`: the base can be a base, so there are segments to extend.
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .pop_if_empty()
+                .extend(before)
+                .extend(ids)
+                .extend(after);
+        }
+        if !params.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        url
+    }
+
+    /// Reads every page of a list endpoint.
+    async fn paged<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        params: &[(&str, String)],
+    ) -> Result<Vec<T>, ApiError> {
+        let limit = self.config.page_limit.max(1);
+        let mut out = Vec::new();
+        for page in 1..=self.config.max_pages {
+            let mut all = params.to_vec();
+            all.push((query::PAGE, page.to_string()));
+            all.push((query::LIMIT, limit.to_string()));
+            let url = self.url(segments, &[], &[], &all);
+            let body = self.call(Method::GET, url).await?;
+            let items: Vec<T> = self.decode(&body, &format!("GET /{}", segments.join("/")))?;
+            let short = items.len() < limit as usize;
+            out.extend(items);
+            if short {
+                return Ok(out);
+            }
+        }
+        Err(ApiError::TooManyPages {
+            what: format!("GET /{}", segments.join("/")),
+            pages: self.config.max_pages,
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(&self, body: &[u8], what: &str) -> Result<T, ApiError> {
+        serde_json::from_slice(body).map_err(|e| ApiError::Decode {
+            what: what.to_owned(),
+            reason: self.scrub(&e.to_string()),
+        })
+    }
+
+    /// One request, retried as [`RetryPolicy`] allows; the body of a 2xx answer.
+    async fn call(&self, method: Method, url: Url) -> Result<Bytes, ApiError> {
+        let what = format!("{method} {}", url.path());
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (last, retry_after) = match self.attempt(&method, &url).await {
+                Attempt::Answer(status, _, body) if status.is_success() => return Ok(body),
+                Attempt::Answer(status, headers, body) => {
+                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                        return Err(ApiError::Unauthorized {
+                            status: status.as_u16(),
+                            what,
+                        });
+                    }
+                    if status == StatusCode::NOT_FOUND {
+                        return Err(ApiError::NotFound { what });
+                    }
+                    if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
+                        return Err(ApiError::Status {
+                            what,
+                            status: status.as_u16(),
+                            text: self.scrub(&snippet(&body)),
+                        });
+                    }
+                    (format!("HTTP {}", status.as_u16()), retry_after(&headers))
+                }
+                Attempt::Timeout => (
+                    format!("no answer within {:?}", self.config.request_timeout),
+                    None,
+                ),
+                Attempt::Transport(message) => (self.scrub(&message), None),
+                Attempt::TooLarge => return Err(ApiError::TooLarge { what }),
+            };
+            match self
+                .config
+                .retry
+                .next_wait(attempts, started.elapsed(), retry_after)
+            {
+                Some(wait) => {
+                    tracing::debug!(%what, attempts, %last, ?wait, "retrying Coinflow API call");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    return Err(ApiError::GaveUp {
+                        what,
+                        attempts,
+                        last,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, method: &Method, url: &Url) -> Attempt {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(url.as_str())
+            .header(AUTHORIZATION, self.key.clone())
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, concat!("coinflow-fulfillment/", env!("CARGO_PKG_VERSION")))
+            .body(Empty::<Bytes>::new());
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return Attempt::Transport(format!("building the request: {e}")),
+        };
+        let exchange = async {
+            let response = match self.client.request(request).await {
+                Ok(r) => r,
+                Err(e) => return Attempt::Transport(error_chain(&e)),
+            };
+            let (parts, body) = response.into_parts();
+            match Limited::new(body, MAX_BODY_BYTES).collect().await {
+                Ok(collected) => Attempt::Answer(parts.status, parts.headers, collected.to_bytes()),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => Attempt::TooLarge,
+                Err(e) => Attempt::Transport(format!("reading the answer: {e}")),
+            }
+        };
+        tokio::time::timeout(self.config.request_timeout, exchange)
+            .await
+            .unwrap_or(Attempt::Timeout)
+    }
+
+    /// `text` with the API key cut out, should a server ever echo it.
+    fn scrub(&self, text: &str) -> String {
+        let key = self.config.api_key.expose_secret();
+        if key.is_empty() {
+            text.to_owned()
+        } else {
+            text.replace(key, "[redacted]")
+        }
+    }
+}
+
+/// `Retry-After` in seconds; an HTTP-date reads as absent.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.into_owned(),
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// RFC 3339 with milliseconds, in UTC (`2026-11-18T10:00:00.000Z`).
+pub fn iso8601(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
