@@ -132,7 +132,7 @@ impl Delivery {
 
     /// When this attempt was sent, if `sentAt` is RFC 3339.
     pub fn sent_at(&self) -> Option<SystemTime> {
-        humantime::parse_rfc3339_weak(self.sent_at_text.trim_end_matches('Z')).ok()
+        humantime::parse_rfc3339_weak(&self.sent_at_text).ok()
     }
 
     /// The payment the packet is about (`data.id`, or `data.paymentId` on refunds).
@@ -158,7 +158,7 @@ impl Timestamp {
         match self {
             Self::Millis(ms) => Some(*ms),
             Self::Text(text) => {
-                let t = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).ok()?;
+                let t = humantime::parse_rfc3339_weak(text).ok()?;
                 let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
                 i64::try_from(d.as_millis()).ok()
             }
@@ -582,15 +582,12 @@ impl CoinflowApi {
     /// as usual (`POST /merchant/webhooks/{id}`). Returns the job id.
     pub async fn resend(&self, webhook_log_id: &str) -> Result<String, ApiError> {
         let url = self.url(path::RESEND, &[webhook_log_id], &[], &[]);
-        let body = self
-            .call(Method::POST, url)
-            .await
-            .map_err(|e| match e {
-                ApiError::NotFound { .. } => ApiError::DeliveryNotFound {
-                    id: webhook_log_id.to_owned(),
-                },
-                other => other,
-            })?;
+        let body = self.call(Method::POST, url).await.map_err(|e| match e {
+            ApiError::NotFound { .. } => ApiError::DeliveryNotFound {
+                id: webhook_log_id.to_owned(),
+            },
+            other => other,
+        })?;
         let answer: ResendAnswer = self.decode(&body, "POST resend")?;
         Ok(match answer.job_id {
             serde_json::Value::String(s) => s,
@@ -649,13 +646,7 @@ impl CoinflowApi {
         self.paged(path::CHARGEBACKS, &params).await
     }
 
-    fn url(
-        &self,
-        before: &[&str],
-        ids: &[&str],
-        after: &[&str],
-        params: &[(&str, String)],
-    ) -> Url {
+    fn url(&self, before: &[&str], ids: &[&str], after: &[&str], params: &[(&str, String)]) -> Url {
         let mut url = self.base.clone();
         // Checked in `new`: the base can be a base, so there are segments to extend.
         if let Ok(mut segments) = url.path_segments_mut() {
@@ -767,7 +758,10 @@ impl CoinflowApi {
             .uri(url.as_str())
             .header(AUTHORIZATION, self.key.clone())
             .header(ACCEPT, "application/json")
-            .header(USER_AGENT, concat!("coinflow-fulfillment/", env!("CARGO_PKG_VERSION")))
+            .header(
+                USER_AGENT,
+                concat!("coinflow-fulfillment/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Empty::<Bytes>::new());
         let request = match request {
             Ok(r) => r,
