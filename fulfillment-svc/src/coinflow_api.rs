@@ -824,3 +824,536 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn iso8601(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+
+    const KEY: &str = "cf_api_secret_4242";
+
+    /// A request the fake API saw.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: Method,
+        path: String,
+        query: Vec<(String, String)>,
+        authorization: Option<String>,
+    }
+
+    impl Seen {
+        fn param(&self, key: &str) -> Option<&str> {
+            self.query
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    type Reply = (u16, Vec<(&'static str, String)>, String);
+
+    /// A fake merchant API answering with `reply(request, n)` for the n-th request.
+    async fn fake(
+        reply: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+    ) -> (String, Arc<Mutex<Vec<Seen>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let reply = Arc::new(reply);
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (reply, log) = (reply.clone(), log.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let seen = Seen {
+                            method: req.method().clone(),
+                            path: req.uri().path().to_owned(),
+                            query: req
+                                .uri()
+                                .query()
+                                .map(|q| {
+                                    url::form_urlencoded::parse(q.as_bytes())
+                                        .into_owned()
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
+                            authorization: req
+                                .headers()
+                                .get(AUTHORIZATION)
+                                .map(|v| v.to_str().unwrap().to_owned()),
+                        };
+                        let n = {
+                            let mut log = log.lock().unwrap();
+                            log.push(seen.clone());
+                            log.len() - 1
+                        };
+                        let (status, headers, body) = reply(&seen, n);
+                        let mut response = http::Response::builder().status(status);
+                        for (k, v) in headers {
+                            response = response.header(k, v);
+                        }
+                        let response = response.body(Full::new(Bytes::from(body))).unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    fn fast(base: &str) -> CoinflowApi {
+        let mut config = ApiConfig::new(base, KEY.into());
+        config.retry = RetryPolicy {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+            max_total: Duration::from_secs(60),
+        };
+        config.page_limit = 10;
+        CoinflowApi::new(config).unwrap()
+    }
+
+    fn delivery(id: usize, code: u16) -> serde_json::Value {
+        serde_json::json!({
+            "id": format!("d{id}"),
+            "merchantId": "mygame",
+            "eventType": "Settled",
+            "category": "Purchase",
+            "version": "Version 2",
+            "data": {"eventType": "Settled", "category": "Purchase",
+                     "created": "2026-11-18T00:00:00.000Z", "data": {"id": format!("p{id}")}},
+            "sentAt": "2026-11-18T10:00:00.250Z",
+            "url": "https://example.test/webhooks",
+            "responseCode": code,
+            "somethingNew": [1, 2, 3],
+        })
+    }
+
+    /// Serves `total` deliveries, paged as asked.
+    fn paged_log(total: usize) -> impl Fn(&Seen, usize) -> Reply {
+        move |seen, _| {
+            let page: usize = seen.param("page").unwrap().parse().unwrap();
+            let limit: usize = seen.param("limit").unwrap().parse().unwrap();
+            let items: Vec<_> = (0..total)
+                .skip((page - 1) * limit)
+                .take(limit)
+                .map(|i| delivery(i, if i % 3 == 0 { 503 } else { 200 }))
+                .collect();
+            (200, vec![], serde_json::Value::Array(items).to_string())
+        }
+    }
+
+    fn window() -> Window {
+        Window {
+            start: humantime::parse_rfc3339("2026-11-18T00:00:00Z").unwrap(),
+            end: humantime::parse_rfc3339("2026-11-19T00:00:00Z").unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_until_a_short_page() {
+        let (base, seen) = fake(paged_log(25)).await;
+        let all = fast(&base)
+            .deliveries(window(), &DeliveryFilter::default())
+            .await
+            .unwrap();
+        let ids: Vec<String> = all.iter().map(|d| d.id.clone()).collect();
+        let want: Vec<String> = (0..25).map(|i| format!("d{i}")).collect();
+        assert_eq!(ids, want);
+        let seen = seen.lock().unwrap();
+        let pages: Vec<&str> = seen.iter().map(|s| s.param("page").unwrap()).collect();
+        assert_eq!(pages, ["1", "2", "3"]);
+        assert!(seen.iter().all(|s| s.param("limit") == Some("10")));
+        assert!(seen.iter().all(|s| s.path == "/merchant/webhooks"));
+        assert_eq!(seen[0].param("startDate"), Some("2026-11-18T00:00:00.000Z"));
+        assert_eq!(seen[0].param("endDate"), Some("2026-11-19T00:00:00.000Z"));
+    }
+
+    #[tokio::test]
+    async fn a_full_last_page_takes_one_more_request() {
+        let (base, seen) = fake(paged_log(20)).await;
+        let all = fast(&base)
+            .deliveries(window(), &DeliveryFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 20);
+        assert_eq!(seen.lock().unwrap().len(), 3, "pages 1, 2 and an empty 3");
+    }
+
+    #[tokio::test]
+    async fn entries_repeated_across_pages_are_kept_once() {
+        // A newest-first list that grew by one between pages repeats an entry.
+        let (base, _) = fake(|seen, _| {
+            let page: usize = seen.param("page").unwrap().parse().unwrap();
+            let items: Vec<_> = match page {
+                1 => (0..10).map(|i| delivery(i, 200)).collect(),
+                2 => (9..19).map(|i| delivery(i, 200)).collect(),
+                _ => (19..21).map(|i| delivery(i, 200)).collect(),
+            };
+            (200, vec![], serde_json::Value::Array(items).to_string())
+        })
+        .await;
+        let all = fast(&base)
+            .deliveries(window(), &DeliveryFilter::default())
+            .await
+            .unwrap();
+        let ids: Vec<String> = all.iter().map(|d| d.id.clone()).collect();
+        let want: Vec<String> = (0..21).map(|i| format!("d{i}")).collect();
+        assert_eq!(ids, want);
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_never_ends_is_refused() {
+        let (base, seen) = fake(|_, _| {
+            let items: Vec<_> = (0..10).map(|i| delivery(i, 200)).collect();
+            (200, vec![], serde_json::Value::Array(items).to_string())
+        })
+        .await;
+        let mut config = fast(&base).config().clone();
+        config.max_pages = 5;
+        let err = CoinflowApi::new(config)
+            .unwrap()
+            .deliveries(window(), &DeliveryFilter::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ApiError::TooManyPages { pages: 5, .. }),
+            "{err}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn unacked_is_every_answer_but_200_and_filters_are_sent() {
+        let (base, seen) = fake(paged_log(25)).await;
+        let unacked = fast(&base)
+            .unacked_deliveries(window(), Some("Card Payment Authorized"))
+            .await
+            .unwrap();
+        let ids: Vec<String> = unacked.iter().map(|d| d.id.clone()).collect();
+        let want: Vec<String> = (0..25).step_by(3).map(|i| format!("d{i}")).collect();
+        assert_eq!(ids, want);
+        let first = seen.lock().unwrap()[0].clone();
+        assert_eq!(first.param("eventType"), Some("Card Payment Authorized"));
+        assert_eq!(
+            first.param("responseCode"),
+            None,
+            "one code only: filtered here"
+        );
+        let (base, seen2) = fake(paged_log(0)).await;
+        fast(&base)
+            .deliveries(
+                window(),
+                &DeliveryFilter {
+                    response_code: Some(503),
+                    event_type: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(seen2.lock().unwrap()[0].param("responseCode"), Some("503"));
+    }
+
+    #[tokio::test]
+    async fn reads_every_kept_field() {
+        let (base, _) = fake(paged_log(1)).await;
+        let d = fast(&base)
+            .deliveries(window(), &DeliveryFilter::default())
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(d.id, "d0");
+        assert_eq!(d.merchant_id.as_deref(), Some("mygame"));
+        assert_eq!(d.event_type, "Settled");
+        assert_eq!(d.category.as_deref(), Some("Purchase"));
+        assert_eq!(d.version.as_deref(), Some("Version 2"));
+        assert_eq!(d.url.as_deref(), Some("https://example.test/webhooks"));
+        assert_eq!(d.response_code, Some(503));
+        assert!(!d.acked());
+        assert_eq!(d.payment_id().as_deref(), Some("p0"));
+        let sent = d.sent_at().unwrap();
+        assert_eq!(iso8601(sent), "2026-11-18T10:00:00.250Z");
+        let packet: serde_json::Value = serde_json::from_str(d.data.get()).unwrap();
+        assert_eq!(packet["eventType"], "Settled");
+    }
+
+    #[tokio::test]
+    async fn sends_the_raw_key_and_escapes_ids() {
+        let (base, seen) = fake(|_, _| (200, vec![], r#"{"jobId": 77}"#.into())).await;
+        let job = fast(&format!("{base}/api"))
+            .resend("log/1 x")
+            .await
+            .unwrap();
+        assert_eq!(job, "77");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].method, Method::POST);
+        assert_eq!(seen[0].path, "/api/merchant/webhooks/log%2F1%20x");
+        assert_eq!(
+            seen[0].authorization.as_deref(),
+            Some(KEY),
+            "raw, no Bearer"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_within_its_bounds() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
+            max_total: Duration::from_secs(60),
+        };
+        let zero = Duration::ZERO;
+        let waits: Vec<Option<Duration>> = (1..=5).map(|n| p.next_wait(n, zero, None)).collect();
+        let s = |n| Some(Duration::from_secs(n));
+        assert_eq!(waits, [s(1), s(2), s(4), s(5), None]);
+        assert_eq!(p.next_wait(1, zero, s(30)), s(30), "Retry-After wins");
+        assert_eq!(
+            p.next_wait(1, Duration::from_secs(59), None),
+            None,
+            "over the total"
+        );
+        assert_eq!(
+            p.next_wait(1, zero, s(61)),
+            None,
+            "Retry-After past the total"
+        );
+        assert_eq!(p.next_wait(u32::MAX - 1, zero, None), None);
+        let huge = RetryPolicy {
+            max_attempts: u32::MAX,
+            ..p
+        };
+        assert_eq!(huge.next_wait(200, zero, None), s(5), "no overflow");
+    }
+
+    #[tokio::test]
+    async fn retries_429_and_5xx_then_succeeds() {
+        let (base, seen) = fake(|_, n| match n {
+            0 => (429, vec![("retry-after", "0".into())], String::new()),
+            1 => (503, vec![], String::new()),
+            2 => (502, vec![], "<html>bad gateway</html>".into()),
+            _ => (200, vec![], "[]".into()),
+        })
+        .await;
+        let all = fast(&base).payments(0, 1).await.unwrap();
+        assert!(all.is_empty());
+        assert_eq!(seen.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_the_last_attempt() {
+        let (base, seen) = fake(|_, _| (503, vec![], String::new())).await;
+        let err = fast(&base).payments(0, 1).await.unwrap_err();
+        match &err {
+            ApiError::GaveUp { attempts, last, .. } => {
+                assert_eq!(*attempts, 4);
+                assert_eq!(last, "HTTP 503");
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(seen.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_past_the_budget_gives_up_at_once() {
+        let (base, seen) =
+            fake(|_, _| (429, vec![("retry-after", "3600".into())], String::new())).await;
+        let err = fast(&base).payments(0, 1).await.unwrap_err();
+        assert!(matches!(err, ApiError::GaveUp { attempts: 1, .. }), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_connection_is_retried_then_reported() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let err = fast(&format!("http://{addr}"))
+            .payments(0, 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::GaveUp { attempts: 4, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_and_is_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let keep = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                keep.lock().unwrap().push(stream);
+            }
+        });
+        let mut config = fast(&format!("http://{addr}")).config().clone();
+        config.request_timeout = Duration::from_millis(50);
+        config.retry.max_attempts = 2;
+        let err = CoinflowApi::new(config)
+            .unwrap()
+            .payments(0, 1)
+            .await
+            .unwrap_err();
+        match &err {
+            ApiError::GaveUp { attempts, last, .. } => {
+                assert_eq!(*attempts, 2);
+                assert!(last.starts_with("no answer within"), "{last}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_is_fatal_names_the_variable_and_never_the_key() {
+        for status in [401, 403] {
+            let (base, seen) =
+                fake(move |_, _| (status, vec![], format!(r#"{{"error":"bad key {KEY}"}}"#))).await;
+            let err = fast(&base)
+                .deliveries(window(), &DeliveryFilter::default())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ApiError::Unauthorized { .. }), "{err}");
+            let (text, debug) = (err.to_string(), format!("{err:?}"));
+            assert!(text.contains(API_KEY_ENV), "{text}");
+            assert!(text.contains(&status.to_string()), "{text}");
+            assert!(
+                !text.contains(KEY) && !debug.contains(KEY),
+                "{text} {debug}"
+            );
+            assert_eq!(seen.lock().unwrap().len(), 1, "never retried");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_client_errors_are_not_retried_and_scrub_the_key() {
+        let (base, seen) = fake(|_, _| (400, vec![], format!("limit is wrong, {KEY}"))).await;
+        let err = fast(&base).payments(0, 1).await.unwrap_err();
+        match &err {
+            ApiError::Status { status, text, .. } => {
+                assert_eq!(*status, 400);
+                assert_eq!(text, "limit is wrong, [redacted]");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(!format!("{err} {err:?}").contains(KEY));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn resend_of_an_unknown_delivery_is_its_own_error() {
+        let (base, _) = fake(|_, _| (404, vec![], r#"{"error":"not found"}"#.into())).await;
+        let err = fast(&base).resend("wl-404").await.unwrap_err();
+        match &err {
+            ApiError::DeliveryNotFound { id } => assert_eq!(id, "wl-404"),
+            other => panic!("{other}"),
+        }
+        assert!(fast(&base).payment("nope").await.unwrap().is_none());
+        let err = fast(&base).refunds("nope").await.unwrap_err();
+        assert!(matches!(err, ApiError::NotFound { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_missing_a_field_names_it() {
+        let (base, _) = fake(|_, _| (200, vec![], r#"[{"id":"d1"}]"#.into())).await;
+        let err = fast(&base)
+            .deliveries(window(), &DeliveryFilter::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Decode { .. }), "{err}");
+        assert!(err.to_string().contains("eventType"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn payments_refunds_and_chargebacks_read_their_fields() {
+        let (base, seen) = fake(|seen, _| {
+            let body = match seen.path.as_str() {
+                "/merchant/payments" => serde_json::json!([{
+                    "paymentId": "p1", "createdAt": 1_795_000_000_000_i64, "status": "Settled",
+                    "wallet": "mygameʬu1", "webhookInfo": {"item": "sword"},
+                    "customer": {"rawCustomerId": "u1"},
+                    "totals": {"subtotal": {"cents": 500, "currency": "USD"},
+                               "total": {"cents": 525}},
+                }]),
+                "/refunds/payment/p1/all" => serde_json::json!([{
+                    "paymentId": "p1", "status": "Settled",
+                    "createdAt": "2026-11-18T10:00:00Z",
+                    "totals": {"subtotal": {"cents": 500}},
+                }]),
+                _ => serde_json::json!([{
+                    "chargebackId": "cb1", "paymentId": "p1", "status": "Opened",
+                    "createdAt": "2026-11-18T10:00:00.000Z",
+                }]),
+            };
+            (200, vec![], body.to_string())
+        })
+        .await;
+        let api = fast(&base);
+        let p = api.payments(10, 20).await.unwrap().remove(0);
+        assert_eq!(p.payment_id, "p1");
+        assert_eq!(
+            p.created_at.and_then(|t| t.millis()),
+            Some(1_795_000_000_000)
+        );
+        assert_eq!(p.status.as_deref(), Some("Settled"));
+        assert_eq!(p.wallet.as_deref(), Some("mygameʬu1"));
+        assert_eq!(p.webhook_info.unwrap()["item"], "sword");
+        let totals = p.totals.unwrap();
+        assert_eq!(totals.subtotal.unwrap().cents, 500);
+        assert_eq!(totals.total.unwrap().currency, None);
+        assert!(p.customer.unwrap().get().contains("u1"));
+        let r = api.refunds("p1").await.unwrap().remove(0);
+        assert_eq!(r.payment_id, "p1");
+        assert_eq!(
+            r.created_at.and_then(|t| t.millis()),
+            Some(1_794_996_000_000)
+        );
+        let c = api.chargebacks(10, 20).await.unwrap().remove(0);
+        assert_eq!(c.chargeback_id.as_deref(), Some("cb1"));
+        assert_eq!(c.status.as_deref(), Some("Opened"));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].param("since"), Some("10"));
+        assert_eq!(seen[0].param("until"), Some("20"));
+        assert_eq!(seen[2].path, "/merchant/chargebacks");
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let config = ApiConfig::new("http://127.0.0.1:1", KEY.into());
+        let api = CoinflowApi::new(config.clone()).unwrap();
+        for text in [
+            format!("{config:?}"),
+            format!("{api:?}"),
+            format!("{api:#?}"),
+        ] {
+            assert!(!text.contains(KEY), "{text}");
+            assert!(text.contains("127.0.0.1"), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_without_the_key() {
+        for url in ["ftp://x", "not a url", "mailto:a@b", "https://u:p@x/api"] {
+            let err = CoinflowApi::new(ApiConfig::new(url, KEY.into())).unwrap_err();
+            assert!(matches!(err, ApiError::InvalidUrl { .. }), "{url}: {err}");
+        }
+        let key = format!("{KEY}\n");
+        let err = CoinflowApi::new(ApiConfig::new(PRODUCTION_URL, key.into())).unwrap_err();
+        assert!(matches!(err, ApiError::InvalidKey));
+        assert!(err.to_string().contains(API_KEY_ENV));
+        assert!(!format!("{err} {err:?}").contains(KEY));
+        CoinflowApi::new(ApiConfig::new(SANDBOX_URL, KEY.into())).unwrap();
+    }
+}
