@@ -820,8 +820,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// RFC 3339 with milliseconds, in UTC (`2026-11-18T10:00:00.000Z`).
+/// RFC 3339 with milliseconds, in UTC (`2026-11-18T10:00:00.000Z`); times before 1970
+/// or after 9999 are clamped to those years, which RFC 3339 can write.
 pub fn iso8601(t: SystemTime) -> String {
+    let latest = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let t = t.clamp(SystemTime::UNIX_EPOCH, latest);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -1327,6 +1330,18 @@ mod tests {
         assert_eq!(seen[0].param("since"), Some("10"));
         assert_eq!(seen[0].param("until"), Some("20"));
         assert_eq!(seen[2].path, "/merchant/chargebacks");
+    }
+
+    #[test]
+    fn dates_are_written_in_utc_and_never_panic() {
+        let t = humantime::parse_rfc3339("2026-11-18T10:00:00.5Z").unwrap();
+        assert_eq!(iso8601(t), "2026-11-18T10:00:00.500Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(iso8601(before), "1970-01-01T00:00:00.000Z");
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(iso8601(after), "9999-12-31T23:59:59.000Z");
+        assert_eq!(Timestamp::Text("nonsense".into()).millis(), None);
+        assert_eq!(Timestamp::Millis(5).millis(), Some(5));
     }
 
     #[test]

@@ -177,7 +177,8 @@ fn page_of<T>(items: Vec<T>, (page, limit): (usize, usize)) -> Vec<T> {
 }
 
 fn iso(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    let latest = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_millis(t.clamp(UNIX_EPOCH, latest)).to_string()
 }
 
 fn iso_ms(ms: i64) -> String {

@@ -522,3 +522,80 @@ async fn a_payment_whose_settled_was_not_subscribed_is_listed_but_never_delivere
     );
     cf.stop().await;
 }
+
+#[tokio::test]
+async fn the_cli_stand_in_prints_its_address_and_serves_what_it_delivered() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let gate = Gate::start(None, authorized_refused).await;
+    let started = SystemTime::now();
+    let sender = coinflow_tests::process::bin("coinflow-sender");
+    let mut child = tokio::process::Command::new(&sender)
+        .args([
+            "coinflow",
+            "--payments",
+            "6",
+            "--attempts",
+            "1",
+            "--api-key-env",
+            "STANDIN_TEST_API_KEY",
+            "--unsubscribed",
+            "Refund,Card Payment Chargeback Opened",
+            "--url",
+            &gate.url,
+        ])
+        .env("STANDIN_TEST_API_KEY", API_KEY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    let api_url = first["coinflow_api"].as_str().unwrap().to_owned();
+    assert_eq!(first["payments"], 6);
+    let second: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    let delivered = &second["delivered"];
+    let events = first["events"].as_u64().unwrap();
+    assert_eq!(
+        delivered["acked"].as_u64().unwrap() + delivered["gave_up"].as_u64().unwrap(),
+        events
+    );
+    let mut config = ApiConfig::new(format!("{api_url}/api"), API_KEY.into());
+    config.page_limit = 4;
+    let api = CoinflowApi::new(config).unwrap();
+    let listed = api
+        .deliveries(around(started), &DeliveryFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.len() as u64, events, "one attempt each");
+    assert_eq!(gate.received.lock().unwrap().len() as u64, events);
+    assert!(
+        listed.iter().all(|d| {
+            d.event_type != "Refund" && d.event_type != "Card Payment Chargeback Opened"
+        })
+    );
+    let refused = listed.iter().filter(|d| !d.acked()).count() as u64;
+    assert_eq!(refused, delivered["gave_up"].as_u64().unwrap());
+    let payments = api.payments(0, i64::MAX).await.unwrap();
+    assert_eq!(payments.len(), 6);
+    child.kill().await.unwrap();
+
+    let out = tokio::process::Command::new(&sender)
+        .args([
+            "coinflow",
+            "--payments",
+            "1",
+            "--api-key-env",
+            "STANDIN_UNSET_KEY",
+        ])
+        .env_remove("STANDIN_UNSET_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("STANDIN_UNSET_KEY"), "{stderr}");
+}
