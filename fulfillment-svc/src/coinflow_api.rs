@@ -579,7 +579,9 @@ impl CoinflowApi {
     }
 
     /// Asks Coinflow to post the logged packet of delivery `webhook_log_id` again, signed
-    /// as usual (`POST /merchant/webhooks/{id}`). Returns the job id.
+    /// as usual (`POST /merchant/webhooks/{id}`). Returns the job id. A 5xx or a lost
+    /// answer is retried like any call, so a packet may be posted twice; receivers
+    /// deduplicate it by its transport identity.
     pub async fn resend(&self, webhook_log_id: &str) -> Result<String, ApiError> {
         let url = self.url(path::RESEND, &[webhook_log_id], &[], &[]);
         let body = self.call(Method::POST, url).await.map_err(|e| match e {
