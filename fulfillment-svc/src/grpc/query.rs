@@ -176,7 +176,9 @@ impl Fulfillment for QueryService {
                 payment_id,
                 state: facts.state().as_str().to_owned(),
                 held_reason,
-                wallet: payer.map(|l| l.wallet.clone()).filter(|w| !w.is_empty()),
+                wallet: payer
+                    .map(|l| l.wallet.clone())
+                    .filter(|w| !w.is_empty()),
                 raw_customer_id: payer.and_then(|l| l.raw_customer_id.clone()),
                 events: record.events.into_iter().map(|(e, _)| e).collect(),
                 ledger: record.ledger,
