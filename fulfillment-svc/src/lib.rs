@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod coinflow_api;
 pub mod config;
 pub mod decision;
 pub mod grpc;

@@ -118,6 +118,23 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// One attempt as it happened: what a delivery log of every attempt records.
+#[derive(Debug)]
+pub struct Attempted<'a> {
+    /// The body posted.
+    pub body: &'a Bytes,
+    /// Where.
+    pub url: &'a str,
+    /// When it was signed and sent.
+    pub sent_at: SystemTime,
+    /// The receiver's status; `None`: no answer within [`ATTEMPT_TIMEOUT`] or no
+    /// connection.
+    pub status: Option<StatusCode>,
+}
+
+/// Told about every attempt, after its answer (or its failure).
+pub type Observer = Arc<dyn Fn(&Attempted<'_>) + Send + Sync>;
+
 /// Delivers webhooks to one target, sharing a connection pool, stats and a log.
 #[derive(Clone)]
 pub struct Sender {
@@ -125,6 +142,7 @@ pub struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
     stats: Arc<Mutex<Stats>>,
     log: Option<Arc<Mutex<std::fs::File>>>,
+    observer: Option<Observer>,
     started: Instant,
 }
 
@@ -146,12 +164,25 @@ impl Sender {
                 .build(connector),
             stats: Arc::default(),
             log: log.map(|f| Arc::new(Mutex::new(f))),
+            observer: None,
             started: Instant::now(),
         }
     }
 
+    /// The same sender, telling `observer` about every attempt.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Where it delivers.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
     /// One attempt: sign now, POST, wait at most 5 s. `None` means no answer.
     pub async fn attempt(&self, body: &Bytes) -> Option<StatusCode> {
+        let sent_at = SystemTime::now();
         let signature = coinflow_shared::signature::sign(&self.target.key, now_unix(), body);
         let mut request = Request::post(&self.target.url)
             .header("content-type", "application/json")
@@ -187,6 +218,15 @@ impl Sender {
                 .max(1),
         );
         *stats.statuses.entry(label).or_default() += 1;
+        drop(stats);
+        if let Some(observer) = &self.observer {
+            observer(&Attempted {
+                body,
+                url: &self.target.url,
+                sent_at,
+                status,
+            });
+        }
         status
     }
 

@@ -8,7 +8,11 @@
 //!   attempt's latency and status, and writes a delivery log.
 //! - [`generate`]: realistic traffic (a mix of event types over distinct payments, with
 //!   chosen duplicate and reordering ratios), seeded and reproducible.
+//! - [`standin`]: a local stand-in for Coinflow: delivers generated payments, keeps a log of
+//!   every attempt, and serves Coinflow's merchant API (delivery log, resend, payments,
+//!   refunds, chargebacks) over it.
 
 pub mod deliver;
 pub mod generate;
 pub mod schedule;
+pub mod standin;

@@ -1,6 +1,7 @@
 //! `coinflow-sender`: deliver webhook bodies the way Coinflow does.
 #![allow(clippy::print_stdout)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use coinflow_sender::deliver::{Sender, Target};
 use coinflow_sender::generate::{Traffic, generate};
 use coinflow_sender::schedule::ATTEMPTS;
+use coinflow_sender::standin::{Coinflow, StandinConfig};
 use secrecy::SecretString;
 
 /// Deliver Coinflow v2 webhooks: signed, retried on Coinflow's schedule, measured.
@@ -84,6 +86,113 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Stand in for Coinflow: generate payments, deliver their webhooks logging every
+    /// attempt, and serve Coinflow's merchant API (delivery log, resend, payments, refunds,
+    /// chargebacks) until Ctrl-C. Prints one JSON line with the API's address first.
+    Coinflow(CoinflowArgs),
+}
+
+#[derive(Args)]
+struct CoinflowArgs {
+    /// Distinct payments.
+    #[arg(long, default_value_t = 100)]
+    payments: usize,
+    /// Where the merchant API listens (port 0: any free port; the line printed says which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The environment variable holding the merchant API key the API accepts.
+    #[arg(long, default_value = "COINFLOW_API_KEY")]
+    api_key_env: String,
+    /// The share of API requests answered 429 (`Retry-After: 0`) or 503 instead.
+    #[arg(long, default_value_t = 0.0)]
+    api_error_rate: f64,
+    /// Event types never delivered, comma-separated (their payments are still listed).
+    #[arg(long, value_delimiter = ',')]
+    unsubscribed: Vec<String>,
+    /// Chance that a delivery is duplicated later.
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
+    /// Chance that a payment's events arrive out of order.
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// Payment id prefix.
+    #[arg(long, default_value = "cf")]
+    prefix: String,
+    /// Seed of the traffic and of the injected API errors.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Exit once every event is delivered instead of serving the API until Ctrl-C.
+    #[arg(long)]
+    exit_when_delivered: bool,
+}
+
+async fn coinflow(d: &Delivery, args: &CoinflowArgs) -> anyhow::Result<()> {
+    if d.log.is_some() || d.rate.is_some() {
+        anyhow::bail!(
+            "`coinflow` takes neither --log nor --rate: it delivers in a closed loop and serves \
+             its log of every attempt at GET /merchant/webhooks"
+        );
+    }
+    if !(0.0..1.0).contains(&args.api_error_rate) {
+        anyhow::bail!("--api-error-rate must be at least 0 and below 1");
+    }
+    let api_key = std::env::var(&args.api_key_env).map_err(|_| {
+        anyhow::anyhow!(
+            "set {} to the merchant API key the stand-in should accept",
+            args.api_key_env
+        )
+    })?;
+    let mut config = StandinConfig::local(
+        d.url.clone(),
+        d.key.clone(),
+        SecretString::from(api_key),
+        args.payments,
+    );
+    config.traffic = Traffic {
+        payments: args.payments,
+        duplicate_ratio: args.duplicates,
+        reorder_ratio: args.reorder,
+        prefix: args.prefix.clone(),
+        seed: args.seed,
+    };
+    config.target.authorization = d.authorization;
+    config.target.compress = d.compress;
+    config.target.attempts = d.attempts;
+    config.concurrency = d.concurrency;
+    config.listen = args.listen;
+    config.api_error_rate = args.api_error_rate;
+    config.api_error_seed = args.seed;
+    config.unsubscribed = args.unsubscribed.clone();
+    let standin = Coinflow::start(config)
+        .await
+        .with_context(|| format!("binding the merchant API on {}", args.listen))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "coinflow_api": standin.api_url(),
+            "webhook_url": d.url,
+            "payments": standin.payments().len(),
+            "events": standin.subscribed_bodies().len(),
+            "unsubscribed": args.unsubscribed,
+        })
+    );
+    eprintln!(
+        "merchant API on {}; delivering {} events to {}",
+        standin.api_url(),
+        standin.subscribed_bodies().len(),
+        d.url
+    );
+    standin.deliver().await;
+    let report = standin.report();
+    eprintln!("{report}");
+    println!("{}", serde_json::json!({ "delivered": report }));
+    if !args.exit_when_delivered {
+        eprintln!("serving the merchant API until Ctrl-C");
+        let stop = tokio_util::sync::CancellationToken::new();
+        coinflow_shared::shutdown::on_signal(stop.clone()).await;
+    }
+    standin.stop().await;
+    Ok(())
 }
 
 fn bodies_in(paths: &[PathBuf]) -> anyhow::Result<Vec<Bytes>> {
@@ -114,6 +223,7 @@ fn bodies_in(paths: &[PathBuf]) -> anyhow::Result<Vec<Bytes>> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bodies = match &cli.mode {
+        Mode::Coinflow(args) => return coinflow(&cli.delivery, args).await,
         Mode::Replay { paths } => bodies_in(paths)?,
         Mode::Generate {
             payments,

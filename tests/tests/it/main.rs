@@ -6,6 +6,7 @@ mod auth;
 mod batching;
 mod catalog_reload;
 mod cli;
+mod coinflow_api;
 mod corpus;
 mod deploy_observability;
 mod durability;
