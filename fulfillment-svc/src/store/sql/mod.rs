@@ -4,12 +4,12 @@
 //!
 //! One file per concern: this one opens the database (connections, migrations, the
 //! transaction and lock helpers, error classification, the retry loop, row mappers);
-//! [`record`] records webhook events (the sqlx path: PostgreSQL's, through [`pg_batch`]);
-//! [`review`] closes held payments; [`consume`] records spending; [`queries`] serves the
+//! `record` records webhook events (the sqlx path: PostgreSQL's, through `pg_batch`);
+//! `review` closes held payments; `consume` records spending; `queries` serves the
 //! reads. Every statement is one named constant, written once for both backends, with a
 //! PostgreSQL and a SQLite variant only where the two must differ; the only text computed
 //! at run time is the list of placeholders of a statement over several rows
-//! ([`with_rows`]).
+//! (`with_rows`).
 //!
 //! Durability: SQLite runs in WAL mode. In WAL mode `synchronous = NORMAL` survives a
 //! killed process but may lose the last commits on power loss or an OS crash; a 200 to
@@ -24,10 +24,13 @@
 //!   writer thread ([`super::sqlite_writer`]); reviews and spends use one sqlx writer
 //!   connection; both take the write lock with `BEGIN IMMEDIATE` and wait on it.
 //! - PostgreSQL serialises the transactions of one payment with a transaction-scoped
-//!   advisory lock on its id (and one payer's spends on the payer), so each sees the
-//!   others' events before reconciling. Ledger appends take one more advisory lock, held
-//!   to commit, so `seq` order is commit order and a `WatchEntitlements` cursor never
-//!   skips a late commit.
+//!   advisory lock on its id, so each sees the others' events before reconciling. Ledger
+//!   appends take one more advisory lock, held to commit, so `seq` order is commit order
+//!   and a `WatchEntitlements` cursor never skips a late commit. A spend takes that lock
+//!   before it reads its account's balance, so spends through any of an account's
+//!   identities serialise on it (`consume`).
+//! - A payer's balance, entitlements and history are its account's (`account!`): every
+//!   identity tied to it through payments that named both a wallet and a customer id.
 //! - Unique keys back all of it: `events.event_key`, `plans.payment_id`,
 //!   `reviews.payment_id`, `ledger (payment_id, entry_no)`, `ledger.idempotency_key`. A
 //!   writer that loses a race gets a unique violation, and the whole transaction is
@@ -67,6 +70,53 @@ macro_rules! event_columns {
     () => {
         "event_key, event_type, category, created_raw, outcome, held_reason, received_at_us, \
          raw_body, refund_status, seq, payment_id, wallet, raw_customer_id"
+    };
+}
+
+/// The account of a payer, as two tables. `account (kind, id)`: `$1` is how the caller
+/// named the payer (`'w'` a wallet, `'c'` a `rawCustomerId`; no one when `$2` is `NULL`) and
+/// `$2` the id; the table holds that identity and every identity connected to it,
+/// transitively, through payment entries that carry both a wallet and a customer id (the
+/// events of such a payment said both are the same person). `mine (seq)`: the ledger rows
+/// whose wallet or customer id is one of those, each once. The empty string is nobody's
+/// identity (the wallet of a spend by customer id, or of a Version 3 payment without a
+/// wallet), so it ties nothing together. Links are ledger rows: never undone, and written
+/// by the transaction that writes the first entry carrying them.
+///
+/// `mine` is a union of two index joins rather than `wallet IN (..) OR raw_customer_id IN
+/// (..)`: PostgreSQL cannot plan that `OR` as a semi-join and scans the whole ledger.
+macro_rules! account {
+    () => {
+        "WITH RECURSIVE account (kind, id) AS ( \
+             SELECT CAST($1 AS TEXT), CAST($2 AS TEXT) WHERE $2 IS NOT NULL \
+             UNION \
+             SELECT CASE WHEN a.kind = 'w' THEN 'c' ELSE 'w' END, \
+                    CASE WHEN a.kind = 'w' THEN l.raw_customer_id ELSE l.wallet END \
+             FROM account a JOIN ledger l \
+               ON (a.kind = 'w' AND l.wallet = a.id) \
+               OR (a.kind = 'c' AND l.raw_customer_id = a.id) \
+             WHERE l.payment_id IS NOT NULL AND l.wallet <> '' AND l.raw_customer_id <> ''), \
+         mine (seq) AS ( \
+             SELECT l.seq FROM account a JOIN ledger l ON l.wallet = a.id WHERE a.kind = 'w' \
+             UNION \
+             SELECT l.seq FROM account a JOIN ledger l ON l.raw_customer_id = a.id \
+             WHERE a.kind = 'c') "
+    };
+}
+
+/// The [`account!`]'s ledger rows.
+macro_rules! of_account {
+    () => {
+        "seq IN (SELECT seq FROM mine)"
+    };
+}
+
+/// Whether a ledger row found through another index (a payment, an idempotency key) is
+/// the [`account!`]'s.
+macro_rules! in_account {
+    () => {
+        "(wallet IN (SELECT id FROM account WHERE kind = 'w') \
+          OR raw_customer_id IN (SELECT id FROM account WHERE kind = 'c'))"
     };
 }
 
@@ -235,6 +285,14 @@ fn ledger_entries(rows: &[AnyRow]) -> Result<Vec<LedgerEntry>, StoreError> {
         .map(ledger_entry)
         .collect::<Result<_, _>>()
         .map_err(classify)
+}
+
+/// How [`account!`] takes a payer: its kind (`$1`) and id (`$2`).
+fn account_binds(payer: &Payer) -> (Option<&'static str>, Option<&str>) {
+    match payer {
+        Payer::Wallet(w) => (Some("w"), Some(w)),
+        Payer::RawCustomerId(c) => (Some("c"), Some(c)),
+    }
 }
 
 fn recorded_event(row: &AnyRow) -> Result<RecordedEvent, sqlx::Error> {
@@ -581,5 +639,51 @@ impl Store for SqlStore {
             .await
             .map_err(classify)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SQLITE_MIGRATIONS;
+
+    /// The steps of SQLite's plan for `sql`, its parameters all `NULL`.
+    fn plan(sql: &str) -> Vec<String> {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        for (_, _, migration) in SQLITE_MIGRATIONS {
+            conn.execute_batch(migration).unwrap();
+        }
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let nulls = vec![None::<String>; stmt.parameter_count()];
+        stmt.query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// An account's rows are found through the payer indexes, never by reading the whole
+    /// ledger (which holds every payer's rows).
+    #[test]
+    fn account_statements_search_the_ledger_by_index() {
+        for (name, sql) in [
+            ("entitlements", super::queries::ENTITLEMENTS),
+            ("page of account", super::queries::PAGE_OF_ACCOUNT),
+            ("page of payment", super::queries::PAGE_OF_PAYMENT),
+            ("after, of account", super::queries::AFTER_OF_ACCOUNT),
+            ("balance", super::consume::BALANCE),
+            ("spend by key", super::consume::SPEND_BY_KEY),
+        ] {
+            let plan = plan(sql);
+            assert!(
+                plan.iter().any(|step| step.starts_with("SEARCH")),
+                "{name}: {plan:#?}"
+            );
+            assert!(
+                !plan.iter().any(|step| step == "SCAN ledger"
+                    || step == "SCAN l"
+                    || step.starts_with("SCAN ledger ")
+                    || step.starts_with("SCAN l ")),
+                "{name} reads the whole ledger: {plan:#?}"
+            );
+        }
     }
 }

@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use coinflow_shared::proto::v1::LedgerEntry;
 use sqlx::Row;
 
-use super::consume::payer_binds;
 use super::record::{EVENT_FACTS, PLANS, REVIEWS, plan_of};
-use super::{Core, classify, fetch_in, ledger_entries, recorded_event};
+use super::{Core, account_binds, classify, fetch_in, ledger_entries, recorded_event};
 use crate::store::{HeldPayment, LedgerFilter, Payer, PaymentRecord, StoreError};
 
 /// The first held event of each payment still waiting for review (no plan, no review).
@@ -36,11 +35,13 @@ macro_rules! page_filters {
     };
 }
 
-/// A payer's net quantity per sku: `$1` its wallet or `$2` its customer id, the other
-/// `NULL`.
-const ENTITLEMENTS: &str = "SELECT sku, CAST(SUM(quantity) AS BIGINT) FROM ledger \
-     WHERE (wallet = $1 OR raw_customer_id = $2) \
-     GROUP BY sku HAVING SUM(quantity) <> 0 ORDER BY sku";
+/// The net quantity per sku of the account of `$1`, `$2` ([`account!`]).
+pub(super) const ENTITLEMENTS: &str = concat!(
+    account!(),
+    "SELECT sku, CAST(SUM(quantity) AS BIGINT) FROM ledger WHERE ",
+    of_account!(),
+    " GROUP BY sku HAVING SUM(quantity) <> 0 ORDER BY sku"
+);
 /// A payment's events, in the order recorded.
 const PAYMENT_EVENTS: &str = concat!(
     "SELECT ",
@@ -60,21 +61,24 @@ const PAGE: &str = concat!(
     " FROM ledger WHERE 1 = 1",
     page_filters!()
 );
-/// A ledger page of one payer (`$1` its wallet or `$2` its customer id), through the
-/// payer indexes.
-const PAGE_OF_PAYER: &str = concat!(
+/// A ledger page of the account of `$1`, `$2` ([`account!`]), through the payer indexes.
+pub(super) const PAGE_OF_ACCOUNT: &str = concat!(
+    account!(),
     "SELECT ",
     ledger_columns!(),
-    " FROM ledger WHERE (wallet = $1 OR raw_customer_id = $2)",
+    " FROM ledger WHERE ",
+    of_account!(),
     page_filters!()
 );
-/// A ledger page of one payment (`$8`), through `ledger_by_payment`, and of one payer too
-/// when `$1` or `$2` is set.
-const PAGE_OF_PAYMENT: &str = concat!(
+/// A ledger page of one payment (`$8`), through `ledger_by_payment`, and of the account of
+/// `$1`, `$2` too when `$2` is set.
+pub(super) const PAGE_OF_PAYMENT: &str = concat!(
+    account!(),
     "SELECT ",
     ledger_columns!(),
-    " FROM ledger WHERE payment_id = $8 \
-     AND ($1 IS NULL AND $2 IS NULL OR wallet = $1 OR raw_customer_id = $2)",
+    " FROM ledger WHERE payment_id = $8 AND ($2 IS NULL OR ",
+    in_account!(),
+    ")",
     page_filters!()
 );
 /// Entries after a `seq` (`$3`), oldest first, at most `$4`.
@@ -83,12 +87,14 @@ const AFTER: &str = concat!(
     ledger_columns!(),
     " FROM ledger WHERE seq > $3 ORDER BY seq LIMIT $4"
 );
-/// [`AFTER`], of one payer (`$1` its wallet or `$2` its customer id).
-const AFTER_OF_PAYER: &str = concat!(
+/// [`AFTER`], of the account of `$1`, `$2` ([`account!`]).
+pub(super) const AFTER_OF_ACCOUNT: &str = concat!(
+    account!(),
     "SELECT ",
     ledger_columns!(),
-    " FROM ledger WHERE (wallet = $1 OR raw_customer_id = $2) AND seq > $3 \
-     ORDER BY seq LIMIT $4"
+    " FROM ledger WHERE ",
+    of_account!(),
+    " AND seq > $3 ORDER BY seq LIMIT $4"
 );
 /// A page of the review queue: held events after `$1`, at most `$2`.
 const HELD_PAGE: &str = concat!(
@@ -109,10 +115,10 @@ impl Core {
         &self,
         payer: &Payer,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let (wallet, customer) = payer_binds(payer);
+        let (kind, id) = account_binds(payer);
         sqlx::query_as(ENTITLEMENTS)
-            .bind(wallet)
-            .bind(customer)
+            .bind(kind)
+            .bind(id)
             .fetch_all(&self.read)
             .await
             .map_err(classify)
@@ -167,15 +173,15 @@ impl Core {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let (wallet, customer) = filter.payer.as_ref().map_or((None, None), payer_binds);
+        let (kind, id) = filter.payer.as_ref().map_or((None, None), account_binds);
         let sql = match (&filter.payment_id, &filter.payer) {
             (Some(_), _) => PAGE_OF_PAYMENT,
-            (None, Some(_)) => PAGE_OF_PAYER,
+            (None, Some(_)) => PAGE_OF_ACCOUNT,
             (None, None) => PAGE,
         };
         let rows = sqlx::query(sql)
-            .bind(wallet)
-            .bind(customer)
+            .bind(kind)
+            .bind(id)
             .bind(filter.sku.as_deref())
             .bind(filter.since_us)
             .bind(filter.until_us)
@@ -194,15 +200,15 @@ impl Core {
         after: i64,
         limit: u32,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let (wallet, customer) = payer.map_or((None, None), payer_binds);
+        let (kind, id) = payer.map_or((None, None), account_binds);
         let sql = if payer.is_some() {
-            AFTER_OF_PAYER
+            AFTER_OF_ACCOUNT
         } else {
             AFTER
         };
         let rows = sqlx::query(sql)
-            .bind(wallet)
-            .bind(customer)
+            .bind(kind)
+            .bind(id)
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(&self.read)
