@@ -69,7 +69,7 @@ macro_rules! ledger_columns {
 macro_rules! event_columns {
     () => {
         "event_key, event_type, category, created_raw, outcome, held_reason, received_at_us, \
-         raw_body, refund_status, seq, payment_id, wallet, raw_customer_id"
+         raw_body, refund_status, seq, payment_id, wallet, raw_customer_id, chargeback_id"
     };
 }
 
@@ -184,18 +184,32 @@ impl Backend {
 }
 
 /// SQLite's migrations, oldest first.
-pub(crate) const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../../migrations/sqlite/0001_ledger.sql"),
-)];
+pub(crate) const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../../migrations/sqlite/0001_ledger.sql"),
+    ),
+    (
+        2,
+        "chargeback ids",
+        include_str!("../../../migrations/sqlite/0002_chargeback_ids.sql"),
+    ),
+];
 
 /// PostgreSQL's migrations, oldest first.
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../../migrations/postgres/0001_ledger.sql"),
-)];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../../migrations/postgres/0001_ledger.sql"),
+    ),
+    (
+        2,
+        "chargeback ids",
+        include_str!("../../../migrations/postgres/0002_chargeback_ids.sql"),
+    ),
+];
 
 /// A database URL with any password replaced, for errors and logs.
 pub fn redact(url: &str) -> String {

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use coinflow_shared::proto::v1::LedgerEntry;
 use sqlx::Row;
 
-use super::record::{EVENT_FACTS, PLANS, REVIEWS, plan_of};
+use super::record::{EVENT_FACTS, PLANS, REVIEWS, event_fact, plan_of};
 use super::{Core, account_binds, classify, fetch_in, ledger_entries, recorded_event};
-use crate::store::{HeldPayment, LedgerFilter, Payer, PaymentRecord, StoreError};
+use crate::store::{EventDetail, HeldPayment, LedgerFilter, Payer, PaymentRecord, StoreError};
 
 /// The first held event of each payment still waiting for review (no plan, no review).
 /// `h.outcome = e.outcome` (not `= 'held'`) keeps SQLite on `events_by_payment` for the
@@ -139,7 +139,13 @@ impl Core {
         }
         let events = rows
             .iter()
-            .map(|row| Ok((recorded_event(row)?, row.try_get(8)?)))
+            .map(|row| {
+                let detail = EventDetail {
+                    refund_status: row.try_get(8)?,
+                    chargeback_id: row.try_get(13)?,
+                };
+                Ok((recorded_event(row)?, detail))
+            })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(classify)?;
         let rows = sqlx::query(PAYMENT_ENTRIES)
@@ -235,15 +241,12 @@ impl Core {
             .collect::<Result<Vec<_>, _>>()
             .map_err(classify)?;
         let ids: Vec<&str> = payments.iter().map(String::as_str).collect();
-        let mut event_types: HashMap<String, Vec<(String, Option<String>)>> = HashMap::new();
+        let mut event_types: HashMap<String, Vec<(String, EventDetail)>> = HashMap::new();
         for row in fetch_in(&mut conn, EVENT_FACTS, &ids, "").await? {
             event_types
                 .entry(row.try_get(0).map_err(classify)?)
                 .or_default()
-                .push((
-                    row.try_get(1).map_err(classify)?,
-                    row.try_get(2).map_err(classify)?,
-                ));
+                .push(event_fact(&row)?);
         }
         let mut held = Vec::with_capacity(rows.len());
         for (row, payment_id) in rows.iter().zip(payments) {

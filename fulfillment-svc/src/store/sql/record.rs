@@ -13,14 +13,14 @@ use super::{Core, classify, fetch_in, ledger_entries, with_rows};
 use crate::catalog::Grant;
 use crate::decision::{Decision, GrantPlan};
 use crate::store::reconcile::{Delta, Held, Stored, apply};
-use crate::store::{Ack, StoreError, micros, outcome_from_name, outcome_name};
+use crate::store::{Ack, EventDetail, StoreError, micros, outcome_from_name, outcome_name};
 
 /// The stored outcome of each event key listed: `IN ($1, ...)`.
 const EXISTING_EVENTS: &str =
     "SELECT event_key, outcome, held_reason FROM events WHERE event_key IN";
 /// The facts of each listed payment's events: `IN ($1, ...)`.
-pub(super) const EVENT_FACTS: &str =
-    "SELECT payment_id, event_type, refund_status FROM events WHERE payment_id IN";
+pub(super) const EVENT_FACTS: &str = "SELECT payment_id, event_type, refund_status, \
+     chargeback_id FROM events WHERE payment_id IN";
 /// Each listed payment's review: `IN ($1, ...)`.
 pub(super) const REVIEWS: &str = "SELECT payment_id, decision FROM reviews WHERE payment_id IN";
 /// Each listed payment's plan: `IN ($1, ...)`.
@@ -31,11 +31,11 @@ pub(super) const PLANS: &str = "SELECT payment_id, item, catalog_version, grants
 const PAYMENT_SUMS: &str = "SELECT payment_id, sku, CAST(SUM(quantity) AS BIGINT) FROM ledger \
      WHERE kind IN ('grant', 'revoke', 'restore') AND payment_id IN";
 const PAYMENT_SUMS_TAIL: &str = "GROUP BY payment_id, sku";
-/// Events, one row of 13 values each.
+/// Events, one row of 14 values each.
 const INSERT_EVENTS: &str = "INSERT INTO events (event_key, event_type, category, created_raw, \
-     payment_id, wallet, raw_customer_id, refund_status, outcome, held_reason, received_at_us, \
-     recorded_at_us, raw_body) VALUES";
-const EVENT_VALUES: usize = 13;
+     payment_id, wallet, raw_customer_id, refund_status, chargeback_id, outcome, held_reason, \
+     received_at_us, recorded_at_us, raw_body) VALUES";
+const EVENT_VALUES: usize = 14;
 /// Plans, one row of 8 values each.
 const INSERT_PLANS: &str = "INSERT INTO plans (payment_id, source, item, catalog_version, \
      grants, wallet, raw_customer_id, recorded_at_us) VALUES";
@@ -311,11 +311,9 @@ pub(super) async fn load_stored(
         Ok(stored.entry(payment).or_default())
     }
     for row in fetch_in(conn, EVENT_FACTS, payments, "").await? {
-        let (t, status): (String, Option<String>) = (
-            row.try_get(1).map_err(classify)?,
-            row.try_get(2).map_err(classify)?,
-        );
-        entry(&mut stored, &row)?.facts.add(&t, status.as_deref());
+        let (t, detail) = event_fact(&row)?;
+        let (t, status, chargeback) = detail.fact(&t);
+        entry(&mut stored, &row)?.facts.add(t, status, chargeback);
     }
     for row in fetch_in(conn, REVIEWS, payments, "").await? {
         let decision: String = row.try_get(1).map_err(classify)?;
@@ -335,6 +333,17 @@ pub(super) async fn load_stored(
             .insert(sku, Held { net, touched: true });
     }
     Ok(stored)
+}
+
+/// A row of [`EVENT_FACTS`]: the event's type and detail.
+pub(super) fn event_fact(row: &sqlx::any::AnyRow) -> Result<(String, EventDetail), StoreError> {
+    Ok((
+        row.try_get(1).map_err(classify)?,
+        EventDetail {
+            refund_status: row.try_get(2).map_err(classify)?,
+            chargeback_id: row.try_get(3).map_err(classify)?,
+        },
+    ))
 }
 
 /// A row of [`PLANS`].
@@ -378,6 +387,7 @@ async fn insert_events(
             .bind(&event.wallet)
             .bind(&event.raw_customer_id)
             .bind(&event.refund_status)
+            .bind(&event.chargeback_id)
             .bind(outcome_name(outcome))
             .bind(held_reason)
             .bind(received)
