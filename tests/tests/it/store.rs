@@ -436,3 +436,79 @@ async fn migrating_fills_in_the_chargeback_ids_of_recorded_events_from_their_bod
         assert_eq!(got.as_deref(), Some("cb_late"));
     }
 }
+
+/// PostgreSQL: the reads have a pool of their own. However many readers crowd in (queries,
+/// watch streams polling), they hold at most its 4 connections, and ingest, on the write
+/// pool, records every event meanwhile.
+#[tokio::test]
+async fn readers_hold_only_their_own_pool_while_ingest_records() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use coinflow_tests::db::Backend;
+    use fulfillment_svc::store::LedgerFilter;
+
+    let db = TestDb::new().await;
+    if db.backend != Backend::Postgres {
+        return; // SQLite's readers have a read-only pool of their own.
+    }
+    let (store, catalog) = open(&db).await;
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut most = (0_i64, 0_i64);
+            while !done.load(Ordering::Relaxed) {
+                let (read, write): (i64, i64) = sqlx::query_as(
+                    "SELECT
+                        CAST(COUNT(*) FILTER (WHERE application_name = 'fulfillment-svc/read') AS BIGINT),
+                        CAST(COUNT(*) FILTER (WHERE application_name = 'fulfillment-svc/write') AS BIGINT)
+                     FROM pg_stat_activity WHERE datname = current_database()",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                most = (most.0.max(read), most.1.max(write));
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            most
+        })
+    };
+    let readers = (0..64).map(|i| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let payer = Payer::Wallet(format!("mygameʬp-pool-{i}"));
+            for _ in 0..10 {
+                store.entries_after(None, 0, 500).await.unwrap();
+                store.entitlements(&payer).await.unwrap();
+                let filter = LedgerFilter {
+                    payer: Some(payer.clone()),
+                    ..LedgerFilter::default()
+                };
+                store.list_ledger(&filter, None, 100).await.unwrap();
+            }
+        })
+    });
+    let writers = (0..64).map(|i| {
+        let ev = proto(settled(&format!("p-pool-{i}"), "sword", 500));
+        let decision = decide(&ev, &catalog);
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.record(&ev, &decision).await.unwrap() })
+    });
+    let (readers, writers) = futures::future::join(
+        futures::future::join_all(readers),
+        futures::future::join_all(writers),
+    )
+    .await;
+    done.store(true, Ordering::Relaxed);
+    let (reads, writes) = sampler.await.unwrap();
+    for r in readers {
+        r.unwrap();
+    }
+    for ack in writers {
+        assert_eq!(ack.unwrap().outcome, Outcome::Granted);
+    }
+    assert!((1..=4).contains(&reads), "read connections: {reads}");
+    assert!(writes >= 1, "write connections: {writes}");
+}

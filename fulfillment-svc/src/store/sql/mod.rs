@@ -11,6 +11,14 @@
 //! at run time is the list of placeholders of a statement over several rows
 //! (`with_rows`).
 //!
+//! Connections: the reads (entitlements, payments, the ledger, the review queue, and every
+//! `WatchEntitlements` stream's polls) have a pool of their own, 4 connections, apart from
+//! the writes' (PostgreSQL: 16, shared by ingest's group-commit workers, reviews and
+//! spends; SQLite: its one sqlx writer, beside the webhook writer thread's own connection),
+//! so however many readers wait, they never hold a connection ingest needs. On PostgreSQL
+//! the two pools' connections report `fulfillment-svc/write` and `fulfillment-svc/read` as
+//! their `application_name` unless the URL sets one.
+//!
 //! Durability: SQLite runs in WAL mode. In WAL mode `synchronous = NORMAL` survives a
 //! killed process but may lose the last commits on power loss or an OS crash; a 200 to
 //! Coinflow cannot be taken back, so no commit is acked before the WAL is fsynced. The
@@ -211,8 +219,16 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// A database URL with any password replaced, for errors and logs.
+/// A database URL with any password replaced, for errors and logs: the userinfo's
+/// (`postgres://user:***@host`) and the value of any parameter whose name ends in
+/// `password` (`?password=***`, `sslpassword=***`, and the same in a libpq key-value
+/// string, quoted or not). It errs on the side of hiding: a password with an unencoded
+/// `@` hides the host up to the last `@` too.
 pub fn redact(url: &str) -> String {
+    redact_parameters(&redact_userinfo(url))
+}
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -223,6 +239,53 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// `text` with the value of every parameter whose name ends in `password` replaced by
+/// `***`: `…password=value`, spaces around `=` allowed (libpq's key-value syntax). A value
+/// ends at `&`, `;`, `?`, whitespace or the end; one that opens with `'` runs to the
+/// closing `'` (libpq's quoting, `\'` escaping a quote), or to the end.
+fn redact_parameters(text: &str) -> String {
+    const KEY: &str = "password";
+    let separator = |c: char| matches!(c, '&' | ';' | '?') || c.is_whitespace();
+    // ASCII lowercasing keeps every byte offset.
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(found) = lower[from..].find(KEY) {
+        let key_end = from + found + KEY.len();
+        from = key_end;
+        let Some(value) = text[key_end..].trim_start().strip_prefix('=') else {
+            continue;
+        };
+        let value = value.trim_start();
+        let value_start = text.len() - value.len();
+        let value_len = match value.strip_prefix('\'') {
+            Some(quoted) => 1 + quoted_len(quoted),
+            None => value.find(separator).unwrap_or(value.len()),
+        };
+        out.push_str(&text[copied..value_start]);
+        out.push_str("***");
+        copied = value_start + value_len;
+        from = copied;
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// The length of a quoted value after its opening `'`, through its closing one (all of
+/// `quoted` when it never closes).
+fn quoted_len(quoted: &str) -> usize {
+    let mut escaped = false;
+    for (i, c) in quoted.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return i + 1,
+            _ => {}
+        }
+    }
+    quoted.len()
 }
 
 /// SQL storage.
@@ -236,7 +299,9 @@ pub struct SqlStore {
 /// What every write path needs.
 #[derive(Debug)]
 struct Core {
+    /// Ingest, reviews and spends.
     write: AnyPool,
+    /// The reads ([`Store`]'s queries); never the write pool's connections.
     read: AnyPool,
     backend: Backend,
     policy: ChargebackPolicy,
@@ -251,6 +316,15 @@ pub enum Migrations {
     /// Require them applied already (a `migrate` Job ran).
     Require,
 }
+
+/// Connections of the read pool (queries, `WatchEntitlements` polls), on both backends.
+const READERS: u32 = 4;
+/// Connections of PostgreSQL's write pool (ingest's group-commit workers, reviews, spends).
+const POSTGRES_WRITERS: u32 = 16;
+/// The `application_name` of PostgreSQL's write pool.
+const WRITE_POOL_NAME: &str = "fulfillment-svc/write";
+/// The `application_name` of PostgreSQL's read pool.
+const READ_POOL_NAME: &str = "fulfillment-svc/read";
 
 const ADVISORY_LEDGER_APPEND: i64 = 0x636f_696e_666c_6f77; // "coinflow"
 const MAX_ATTEMPTS: u32 = 8;
@@ -369,10 +443,29 @@ fn sqlite_url(url: &str, mode: &str) -> String {
     format!("{url}{sep}mode={mode}")
 }
 
-async fn connect(url: &str, max: u32, pragmas: &'static str) -> Result<AnyPool, StoreError> {
+/// A pool of at most `max` connections to `url`, each running `pragmas` (SQLite) first.
+/// A PostgreSQL connection reports `application` as its `application_name` (seen in
+/// `pg_stat_activity`) unless the URL names one.
+async fn connect(
+    url: &str,
+    max: u32,
+    pragmas: &'static str,
+    application: Option<&str>,
+) -> Result<AnyPool, StoreError> {
     sqlx::any::install_default_drivers();
-    let options = AnyConnectOptions::from_str(url)
+    let mut options = AnyConnectOptions::from_str(url)
         .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
+    if let Some(name) = application
+        && !options
+            .database_url
+            .query_pairs()
+            .any(|(key, _)| key == "application_name")
+    {
+        options
+            .database_url
+            .query_pairs_mut()
+            .append_pair("application_name", name);
+    }
     AnyPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(3))
@@ -400,14 +493,15 @@ impl SqlStore {
         let backend = Backend::of(url)?;
         let (write, read) = match backend {
             Backend::Sqlite => {
-                let write = connect(&sqlite_url(url, "rwc"), 1, SQLITE_WRITER).await?;
+                let write = connect(&sqlite_url(url, "rwc"), 1, SQLITE_WRITER, None).await?;
                 // The file and its WAL exist once the writer connected.
-                let read = connect(&sqlite_url(url, "ro"), 4, SQLITE_READER).await?;
+                let read = connect(&sqlite_url(url, "ro"), READERS, SQLITE_READER, None).await?;
                 (write, read)
             }
             Backend::Postgres => {
-                let pool = connect(url, 16, "").await?;
-                (pool.clone(), pool)
+                let write = connect(url, POSTGRES_WRITERS, "", Some(WRITE_POOL_NAME)).await?;
+                let read = connect(url, READERS, "", Some(READ_POOL_NAME)).await?;
+                (write, read)
             }
         };
         match migrations {
@@ -698,6 +792,75 @@ mod tests {
                     || step.starts_with("SCAN l ")),
                 "{name} reads the whole ledger: {plan:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn redact_hides_every_password_and_keeps_the_rest() {
+        use super::redact;
+        for (url, redacted) in [
+            // userinfo
+            ("postgres://u:secret@host/db", "postgres://u:***@host/db"),
+            (
+                "postgresql://u:se@cret@host:5432/db",
+                "postgresql://u:***@host:5432/db",
+            ),
+            // query strings
+            (
+                "postgres://host/db?user=u&password=secret",
+                "postgres://host/db?user=u&password=***",
+            ),
+            (
+                "postgres://host/db?password=secret&sslmode=require",
+                "postgres://host/db?password=***&sslmode=require",
+            ),
+            (
+                "postgres://host/db?PassWord=secret&sslpassword=key",
+                "postgres://host/db?PassWord=***&sslpassword=***",
+            ),
+            (
+                "postgres://u:one@host/db?password=two",
+                "postgres://u:***@host/db?password=***",
+            ),
+            (
+                "postgres://host/db?password=a:b@c",
+                "postgres://host/db?password=***",
+            ),
+            // libpq key-value strings (refused, but named in the error)
+            (
+                "host=db password=secret user=u",
+                "host=db password=*** user=u",
+            ),
+            ("password='se cr\\'et' host=db", "password=*** host=db"),
+            // nothing to hide
+            (
+                "postgres://u@host/db?sslmode=require",
+                "postgres://u@host/db?sslmode=require",
+            ),
+            ("sqlite://ledger.db?mode=rwc", "sqlite://ledger.db?mode=rwc"),
+            ("", ""),
+            // odd input: no panic, nothing lost but the value
+            ("password", "password"),
+            ("password=", "password=***"),
+            ("ʬpasswordʬ=ʬ", "ʬpasswordʬ=ʬ"),
+            ("x?password=ʬü&y=ö", "x?password=***&y=ö"),
+            ("password='", "password=***"),
+        ] {
+            assert_eq!(redact(url), redacted, "{url}");
+        }
+        // Whatever surrounds it, a password never survives.
+        for url in [
+            "postgres://u:s3cr3t@h/d",
+            "postgres://h/d?password=s3cr3t",
+            "postgres://h/d?x=1&password=s3cr3t#frag",
+            "postgres://u:s3cr3t@h/d?password=s3cr3t",
+            "postgres://h/d?password=s3cr3t@x",
+            "postgres://h/d?password='s3cr3t",
+            "password = s3cr3t",
+            "host=h sslpassword='s3 cr3t' user=u",
+            "PASSWORD=s3cr3t",
+        ] {
+            assert!(!redact(url).contains("s3cr3t"), "{url}: {}", redact(url));
         }
     }
 }
