@@ -2,22 +2,29 @@
 //! events seen for it, never from the order they arrived in. This is the one place the
 //! state table lives.
 //!
+//! Each chargeback is its own **dispute**, named by its `chargebackId` (a chargeback event
+//! without one belongs to the dispute `""`). A dispute is **open** when its Opened was seen
+//! and its Won was not; a Lost reverses the payment whatever else was seen.
+//!
 //! | state    | when the set contains (rows checked top to bottom)                      |
 //! |----------|--------------------------------------------------------------------------|
 //! | reversed | a refund (not `Failed`), a lost chargeback, ACH Returned, ACH Chargeback |
-//! | restored | a chargeback Won (after Opened, in whatever order they arrived)          |
-//! | disputed | a chargeback Opened                                                      |
+//! | restored | disputes, every one of them won (Won, after Opened in whatever order)   |
+//! | disputed | an open dispute                                                          |
 //! | settled  | Settled                                                                  |
 //! | failed   | Declined, Suspected Fraud, Voided, Payment Expiration, ACH Failed        |
 //! | pending  | Authorized, Pending Review, ACH Initiated, ACH Batched                   |
 //! | unknown  | none of these (e.g. only event types of other families)                  |
 //!
-//! So a late `Card Payment Authorized` never moves a settled payment back, and a `Refund`
-//! seen before its `Settled` still reads reversed. Chargeback events exist for cards,
-//! PayPal and Venmo with the same Opened / Won / Lost names.
+//! So a late `Card Payment Authorized` never moves a settled payment back, a `Refund`
+//! seen before its `Settled` still reads reversed, and a second dispute opened after the
+//! first was won reads disputed again. Chargeback events exist for cards, PayPal and Venmo
+//! with the same Opened / Won / Lost names.
 //!
-//! Whether the payment's planned grant stands ([`Facts::entitled`]):
-//! settled, and not reversed, and not disputed under [`ChargebackPolicy::RevokeOnOpen`].
+//! Whether the payment's planned grant stands ([`Facts::entitled`]): settled, and not
+//! reversed, and, under [`ChargebackPolicy::RevokeOnOpen`], no dispute open.
+
+use std::collections::BTreeMap;
 
 /// The state of one payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,17 +96,32 @@ fn is_chargeback(event_type: &str, outcome: &str) -> bool {
     })
 }
 
-/// What the set of a payment's events says.
+/// One dispute of a payment: which of its chargeback events were seen.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dispute {
+    /// Its Opened was seen.
+    pub opened: bool,
+    /// Its Won was seen.
+    pub won: bool,
+}
+
+impl Dispute {
+    /// Opened and not (yet) won.
+    pub fn open(self) -> bool {
+        self.opened && !self.won
+    }
+}
+
+/// What the set of a payment's events says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Facts {
     /// A `Settled` was seen.
     pub settled: bool,
     /// A refund (not failed), a lost chargeback or an ACH reversal was seen.
     pub reversed: bool,
-    /// A chargeback was opened.
-    pub opened: bool,
-    /// A chargeback was won.
-    pub won: bool,
+    /// Each dispute an Opened or Won was seen for, by `chargebackId` (`""` for chargeback
+    /// events without one).
+    pub disputes: BTreeMap<String, Dispute>,
     /// The payment failed.
     pub failed: bool,
     /// The payment is in progress.
@@ -107,34 +129,55 @@ pub struct Facts {
 }
 
 impl Facts {
-    /// Folds one event (its type, and `data.status` for refunds) into the facts.
-    pub fn add(&mut self, event_type: &str, refund_status: Option<&str>) {
+    /// Folds one event into the facts: its type, `data.status` for refunds and
+    /// `data.chargebackId` for chargebacks.
+    pub fn add(
+        &mut self,
+        event_type: &str,
+        refund_status: Option<&str>,
+        chargeback_id: Option<&str>,
+    ) {
         let t = event_type;
         self.settled |= t == crate::decision::SETTLED;
         self.reversed |= (REFUNDS.contains(&t) && refund_status != Some("Failed"))
             || ACH_REVERSALS.contains(&t)
             || is_chargeback(t, "Lost");
-        self.opened |= is_chargeback(t, "Opened");
-        self.won |= is_chargeback(t, "Won");
+        let (opened, won) = (is_chargeback(t, "Opened"), is_chargeback(t, "Won"));
+        if opened || won {
+            let dispute = self
+                .disputes
+                .entry(chargeback_id.unwrap_or_default().to_owned())
+                .or_default();
+            dispute.opened |= opened;
+            dispute.won |= won;
+        }
         self.failed |= FAILED.contains(&t);
         self.pending |= PENDING.contains(&t);
     }
 
-    /// The facts of a set of events, in any order, duplicates allowed.
-    pub fn of<'a>(events: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Self {
+    /// The facts of a set of events (type, refund status, chargeback id), in any order,
+    /// duplicates allowed.
+    pub fn of<'a>(
+        events: impl IntoIterator<Item = (&'a str, Option<&'a str>, Option<&'a str>)>,
+    ) -> Self {
         let mut facts = Self::default();
-        for (t, status) in events {
-            facts.add(t, status);
+        for (t, status, chargeback) in events {
+            facts.add(t, status, chargeback);
         }
         facts
+    }
+
+    /// Whether any dispute is open.
+    pub fn disputed(&self) -> bool {
+        self.disputes.values().any(|d| d.open())
     }
 
     /// The state table above.
     pub fn state(&self) -> PaymentState {
         match () {
             () if self.reversed => PaymentState::Reversed,
-            () if self.won => PaymentState::Restored,
-            () if self.opened => PaymentState::Disputed,
+            () if !self.disputes.is_empty() && !self.disputed() => PaymentState::Restored,
+            () if self.disputed() => PaymentState::Disputed,
             () if self.settled => PaymentState::Settled,
             () if self.failed => PaymentState::Failed,
             () if self.pending => PaymentState::Pending,
@@ -144,8 +187,9 @@ impl Facts {
 
     /// Whether the payment's planned grant should stand under `policy`.
     pub fn entitled(&self, policy: ChargebackPolicy) -> bool {
-        let disputed = self.opened && !self.won;
-        self.settled && !self.reversed && !(disputed && policy == ChargebackPolicy::RevokeOnOpen)
+        self.settled
+            && !self.reversed
+            && !(self.disputed() && policy == ChargebackPolicy::RevokeOnOpen)
     }
 }
 
@@ -154,7 +198,7 @@ mod tests {
     use super::*;
 
     fn facts(set: &[&str]) -> Facts {
-        Facts::of(set.iter().map(|t| (*t, None)))
+        Facts::of(set.iter().map(|t| (*t, None, None)))
     }
 
     #[test]
@@ -196,10 +240,10 @@ mod tests {
 
     #[test]
     fn a_failed_refund_reverses_nothing() {
-        let f = Facts::of([("Settled", None), ("Refund", Some("Failed"))]);
+        let f = Facts::of([("Settled", None, None), ("Refund", Some("Failed"), None)]);
         assert_eq!(f.state(), PaymentState::Settled);
         assert!(f.entitled(ChargebackPolicy::RevokeOnOpen));
-        let f = Facts::of([("Settled", None), ("Refund", Some("Pending"))]);
+        let f = Facts::of([("Settled", None, None), ("Refund", Some("Pending"), None)]);
         assert!(!f.entitled(ChargebackPolicy::RevokeOnOpen));
     }
 
@@ -238,6 +282,115 @@ mod tests {
             let f = facts(&set);
             assert_eq!(f.entitled(RevokeOnOpen), revoke_on_open, "{set:?}");
             assert_eq!(f.entitled(HoldUntilLost), hold_until_lost, "{set:?}");
+        }
+    }
+
+    /// Every order of `items`.
+    fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut all = Vec::new();
+        for i in 0..items.len() {
+            let mut rest = items.to_vec();
+            let first = rest.remove(i);
+            for mut tail in permutations(&rest) {
+                tail.insert(0, first.clone());
+                all.push(tail);
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn each_chargeback_id_is_its_own_dispute_in_any_order() {
+        use ChargebackPolicy::*;
+        use PaymentState::*;
+        const OPENED: &str = "Card Payment Chargeback Opened";
+        const WON: &str = "Card Payment Chargeback Won";
+        const LOST: &str = "Card Payment Chargeback Lost";
+        let settled = ("Settled", None);
+        // (events as (type, chargeback id), state, entitled under revoke-on-open, under
+        // hold-until-lost)
+        for (set, state, revoke_on_open, hold_until_lost) in [
+            // A second dispute opened after the first was won revokes again...
+            (
+                vec![
+                    settled,
+                    (OPENED, Some("cb1")),
+                    (WON, Some("cb1")),
+                    (OPENED, Some("cb2")),
+                ],
+                Disputed,
+                false,
+                true,
+            ),
+            // ...until it is won too.
+            (
+                vec![
+                    settled,
+                    (OPENED, Some("cb1")),
+                    (WON, Some("cb1")),
+                    (OPENED, Some("cb2")),
+                    (WON, Some("cb2")),
+                ],
+                Restored,
+                true,
+                true,
+            ),
+            // Winning one dispute does not close another.
+            (
+                vec![settled, (OPENED, Some("cb1")), (WON, Some("cb2"))],
+                Disputed,
+                false,
+                true,
+            ),
+            // A Won seen before its Opened: that dispute is not open.
+            (vec![settled, (WON, Some("cb1"))], Restored, true, true),
+            // Without an id a chargeback is the dispute "", apart from any named one.
+            (
+                vec![settled, (OPENED, None), (WON, Some("cb1"))],
+                Disputed,
+                false,
+                true,
+            ),
+            (
+                vec![settled, (OPENED, None), (WON, None)],
+                Restored,
+                true,
+                true,
+            ),
+            // Any lost dispute reverses, whatever the others did.
+            (
+                vec![
+                    settled,
+                    (OPENED, Some("cb1")),
+                    (WON, Some("cb1")),
+                    (LOST, Some("cb2")),
+                ],
+                Reversed,
+                false,
+                false,
+            ),
+            // Duplicates change nothing.
+            (
+                vec![
+                    settled,
+                    (OPENED, Some("cb1")),
+                    (OPENED, Some("cb1")),
+                    (WON, Some("cb1")),
+                ],
+                Restored,
+                true,
+                true,
+            ),
+        ] {
+            for order in permutations(&set) {
+                let f = Facts::of(order.iter().map(|&(t, id)| (t, None, id)));
+                assert_eq!(f.state(), state, "{order:?}");
+                assert_eq!(f.entitled(RevokeOnOpen), revoke_on_open, "{order:?}");
+                assert_eq!(f.entitled(HoldUntilLost), hold_until_lost, "{order:?}");
+            }
         }
     }
 }

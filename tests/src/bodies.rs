@@ -48,3 +48,40 @@ pub fn event(event_type: &str, payment_id: &str, item: &str, cents: i64, created
 pub fn wallet_of(payment_id: &str) -> String {
     format!("mygameʬ{payment_id}")
 }
+
+/// The `rawCustomerId` [`event`] uses for a payment.
+pub fn customer_of(payment_id: &str) -> String {
+    format!("user-{payment_id}")
+}
+
+/// `body` with `data`'s fields `fields` set (added or replaced); a `null` value removes the
+/// field.
+pub fn with_data(body: &[u8], fields: &[(&str, serde_json::Value)]) -> Vec<u8> {
+    let mut envelope: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let data = envelope["data"].as_object_mut().unwrap();
+    for (key, value) in fields {
+        if value.is_null() {
+            data.remove(*key);
+        } else {
+            data.insert((*key).to_owned(), value.clone());
+        }
+    }
+    serde_json::to_vec(&envelope).unwrap()
+}
+
+/// A chargeback event (`event_type`, e.g. `Card Payment Chargeback Opened`) of a payment,
+/// of the dispute `chargeback_id` (none: the field is absent).
+pub fn chargeback(
+    event_type: &str,
+    payment_id: &str,
+    item: &str,
+    cents: i64,
+    created: &str,
+    chargeback_id: Option<&str>,
+) -> Vec<u8> {
+    let body = event(event_type, payment_id, item, cents, created);
+    match chargeback_id {
+        Some(id) => with_data(&body, &[("chargebackId", serde_json::json!(id))]),
+        None => body,
+    }
+}

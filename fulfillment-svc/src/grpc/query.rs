@@ -151,12 +151,7 @@ impl Fulfillment for QueryService {
         let record = self.store.payment(&payment_id).await?.ok_or_else(|| {
             Status::not_found(format!("no events recorded for payment {payment_id:?}"))
         })?;
-        let facts = Facts::of(
-            record
-                .events
-                .iter()
-                .map(|(e, s)| (e.event_type.as_str(), s.as_deref())),
-        );
+        let facts = Facts::of(record.events.iter().map(|(e, d)| d.fact(&e.event_type)));
         let held_reason = if record.planned || record.review.is_some() {
             None
         } else {
@@ -332,14 +327,10 @@ impl Fulfillment for QueryService {
         let held = held
             .into_iter()
             .map(|h| pb::HeldPayment {
-                state: Facts::of(
-                    h.event_types
-                        .iter()
-                        .map(|(t, s)| (t.as_str(), s.as_deref())),
-                )
-                .state()
-                .as_str()
-                .to_owned(),
+                state: Facts::of(h.event_types.iter().map(|(t, d)| d.fact(t)))
+                    .state()
+                    .as_str()
+                    .to_owned(),
                 held_reason: h.event.held_reason.clone().unwrap_or_default(),
                 payment_id: h.payment_id,
                 wallet: h.wallet,

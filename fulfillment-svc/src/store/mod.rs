@@ -72,11 +72,31 @@ pub enum Payer {
     RawCustomerId(String),
 }
 
+/// What a recorded event adds to its payment's facts besides its type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventDetail {
+    /// `data.status` of a refund.
+    pub refund_status: Option<String>,
+    /// `data.chargebackId` of a chargeback.
+    pub chargeback_id: Option<String>,
+}
+
+impl EventDetail {
+    /// The event of type `event_type` as [`crate::lifecycle::Facts::of`] takes it.
+    pub fn fact<'a>(&'a self, event_type: &'a str) -> (&'a str, Option<&'a str>, Option<&'a str>) {
+        (
+            event_type,
+            self.refund_status.as_deref(),
+            self.chargeback_id.as_deref(),
+        )
+    }
+}
+
 /// Everything recorded for one payment.
 #[derive(Debug, Clone, Default)]
 pub struct PaymentRecord {
-    /// Its events, in the order recorded, with `data.status` of refunds.
-    pub events: Vec<(RecordedEvent, Option<String>)>,
+    /// Its events, in the order recorded, with what their facts need besides the type.
+    pub events: Vec<(RecordedEvent, EventDetail)>,
     /// Its ledger entries, in the order recorded.
     pub ledger: Vec<LedgerEntry>,
     /// `approved` or `rejected`, once reviewed.
@@ -113,8 +133,8 @@ pub struct HeldPayment {
     pub wallet: Option<String>,
     /// Payer fields of the held event.
     pub raw_customer_id: Option<String>,
-    /// `(event_type, refund status)` of every event of the payment, for its state.
-    pub event_types: Vec<(String, Option<String>)>,
+    /// The type and detail of every event of the payment, for its state.
+    pub event_types: Vec<(String, EventDetail)>,
 }
 
 /// How a review closes a held payment.

@@ -163,9 +163,11 @@ pub fn apply(
             deltas: Vec::new(),
         };
     };
-    stored
-        .facts
-        .add(&event.event_type, event.refund_status.as_deref());
+    stored.facts.add(
+        &event.event_type,
+        event.refund_status.as_deref(),
+        event.chargeback_id.as_deref(),
+    );
     let mut new_plan = false;
     if stored.plan.is_none()
         && !stored.rejected

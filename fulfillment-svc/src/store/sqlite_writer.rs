@@ -327,8 +327,9 @@ fn record_in(
         .map_or(now, micros);
     conn.prepare_cached(
         "INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet,
-            raw_customer_id, refund_status, outcome, held_reason, received_at_us, recorded_at_us, raw_body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            raw_customer_id, refund_status, chargeback_id, outcome, held_reason, received_at_us,
+            recorded_at_us, raw_body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -340,6 +341,7 @@ fn record_in(
             event.wallet,
             event.raw_customer_id,
             event.refund_status,
+            event.chargeback_id,
             outcome_name(outcome),
             held_reason,
             received,
@@ -399,13 +401,18 @@ fn load_stored(conn: &Connection, payment_id: &str) -> Result<Option<Stored>, St
     let mut any = false;
     {
         let mut stmt = conn
-            .prepare_cached("SELECT event_type, refund_status FROM events WHERE payment_id = ?1")
+            .prepare_cached(
+                "SELECT event_type, refund_status, chargeback_id FROM events WHERE payment_id = ?1",
+            )
             .map_err(error)?;
         let mut rows = stmt.query([payment_id]).map_err(error)?;
         while let Some(row) = rows.next().map_err(error)? {
-            let (t, s): (String, Option<String>) =
-                (row.get(0).map_err(error)?, row.get(1).map_err(error)?);
-            stored.facts.add(&t, s.as_deref());
+            let (t, s, c): (String, Option<String>, Option<String>) = (
+                row.get(0).map_err(error)?,
+                row.get(1).map_err(error)?,
+                row.get(2).map_err(error)?,
+            );
+            stored.facts.add(&t, s.as_deref(), c.as_deref());
             any = true;
         }
     }
@@ -537,8 +544,9 @@ mod tests {
     fn migrated() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("ledger.db")).unwrap();
-        conn.execute_batch(include_str!("../../migrations/sqlite/0001_ledger.sql"))
-            .unwrap();
+        for (_, _, sql) in crate::store::sql::SQLITE_MIGRATIONS {
+            conn.execute_batch(sql).unwrap();
+        }
         (dir, conn)
     }
 

@@ -57,11 +57,13 @@ fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
     by_payment
         .into_iter()
         .map(|(payment, events)| {
-            let facts = Facts::of(
-                events
-                    .iter()
-                    .map(|e| (e.event_type.as_str(), e.refund_status.as_deref())),
-            );
+            let facts = Facts::of(events.iter().map(|e| {
+                (
+                    e.event_type.as_str(),
+                    e.refund_status.as_deref(),
+                    e.chargeback_id.as_deref(),
+                )
+            }));
             let plan = events.iter().find_map(|e| match decide(e, &catalog) {
                 Decision::Grant(plan) => Some(plan),
                 _ => None,

@@ -3,7 +3,9 @@
 
 use coinflow_shared::proto::v1::Outcome;
 use coinflow_tests::TestDb;
-use coinflow_tests::bodies::{event, fixture, settled, wallet_of};
+use std::collections::BTreeSet;
+
+use coinflow_tests::bodies::{chargeback, event, fixture, settled, wallet_of};
 use coinflow_tests::http::Http;
 use coinflow_tests::{FulfillmentHandle, Query, Stack, ingest, ingest_client};
 use fulfillment_svc::lifecycle::ChargebackPolicy;
@@ -12,18 +14,58 @@ use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
 use proptest::test_runner::{Config, TestRunner};
 
-/// The events one payment can see; two distinct Settled deliveries among them.
-const UNIVERSE: [(&str, &str); 9] = [
-    ("Card Payment Authorized", "2026-11-20T17:00:00.000Z"),
-    ("Payment Pending Review", "2026-11-20T17:00:30.000Z"),
-    ("Settled", "2026-11-20T17:01:00.000Z"),
-    ("Settled", "2026-11-20T18:01:00.000Z"),
-    ("Card Payment Chargeback Opened", "2026-11-25T10:00:00.000Z"),
-    ("Card Payment Chargeback Won", "2026-12-05T10:00:00.000Z"),
-    ("Card Payment Chargeback Lost", "2026-12-06T10:00:00.000Z"),
-    ("Refund", "2026-11-22T09:00:00.000Z"),
-    ("Card Payment Declined", "2026-11-20T16:59:00.000Z"),
+const OPENED: &str = "Card Payment Chargeback Opened";
+const WON: &str = "Card Payment Chargeback Won";
+const LOST: &str = "Card Payment Chargeback Lost";
+
+/// The events one payment can see (type, `created`, `chargebackId`): two distinct Settled
+/// deliveries, and chargebacks of three disputes (`cb1`, `cb2`, and one sent without an id).
+const UNIVERSE: [(&str, &str, Option<&str>); 13] = [
+    ("Card Payment Authorized", "2026-11-20T17:00:00.000Z", None),
+    ("Payment Pending Review", "2026-11-20T17:00:30.000Z", None),
+    ("Settled", "2026-11-20T17:01:00.000Z", None),
+    ("Settled", "2026-11-20T18:01:00.000Z", None),
+    (OPENED, "2026-11-25T10:00:00.000Z", Some("cb1")),
+    (WON, "2026-12-05T10:00:00.000Z", Some("cb1")),
+    (OPENED, "2026-12-10T10:00:00.000Z", Some("cb2")),
+    (WON, "2026-12-20T10:00:00.000Z", Some("cb2")),
+    (LOST, "2026-12-06T10:00:00.000Z", Some("cb2")),
+    (OPENED, "2026-12-11T10:00:00.000Z", None),
+    (WON, "2026-12-21T10:00:00.000Z", None),
+    ("Refund", "2026-11-22T09:00:00.000Z", None),
+    ("Card Payment Declined", "2026-11-20T16:59:00.000Z", None),
 ];
+
+/// The state and whether the grant stands (revoke-on-open), from the set of events as the
+/// README's money rules state them: each chargeback id is its own dispute, open once
+/// opened and until won; a lost one reverses.
+fn expected(set: &BTreeSet<(&str, Option<&str>)>) -> (&'static str, bool) {
+    let has = |t: &str| set.iter().any(|(s, _)| *s == t);
+    let ids = [Some("cb1"), Some("cb2"), None];
+    let open = ids
+        .iter()
+        .any(|&id| set.contains(&(OPENED, id)) && !set.contains(&(WON, id)));
+    let disputes = ids
+        .iter()
+        .any(|&id| set.contains(&(OPENED, id)) || set.contains(&(WON, id)));
+    let reversed = has("Refund") || has(LOST);
+    let state = if reversed {
+        "reversed"
+    } else if open {
+        "disputed"
+    } else if disputes {
+        "restored"
+    } else if has("Settled") {
+        "settled"
+    } else if has("Card Payment Declined") {
+        "failed"
+    } else if has("Card Payment Authorized") || has("Payment Pending Review") {
+        "pending"
+    } else {
+        "unknown"
+    };
+    (state, has("Settled") && !reversed && !open)
+}
 
 /// One set of events, with some duplicated, in two independent orders.
 fn two_orders() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
@@ -63,31 +105,23 @@ fn every_order_with_duplicates_ends_in_the_same_state_and_grants() {
                 for (name, order) in [("a", &a), ("b", &b)] {
                     let payment = format!("prop-{case}-{name}");
                     for &i in order {
-                        let (event_type, created) = UNIVERSE[i];
-                        ingest(
-                            &mut client,
-                            &event(event_type, &payment, "starter-bundle", 1500, created),
-                        )
-                        .await;
+                        let (event_type, created, id) = UNIVERSE[i];
+                        let body =
+                            chargeback(event_type, &payment, "starter-bundle", 1500, created, id);
+                        ingest(&mut client, &body).await;
                     }
                     let state = query.payment(&payment).await.unwrap().state;
                     results.push((state, query.wallet(&wallet_of(&payment)).await));
                 }
                 results
             });
-            let set: std::collections::BTreeSet<_> = a.iter().map(|&i| UNIVERSE[i].0).collect();
+            let set: BTreeSet<_> = a.iter().map(|&i| (UNIVERSE[i].0, UNIVERSE[i].2)).collect();
             prop_assert_eq!(&results[0], &results[1], "orders {:?} and {:?}", a, b);
             // And what the set calls for, whatever the order.
+            let (state, entitled) = expected(&set);
+            prop_assert_eq!(results[0].0.as_str(), state, "{:?}", set);
             let granted = !results[0].1.is_empty();
-            let reversed = set.contains("Refund") || set.contains("Card Payment Chargeback Lost");
-            let disputed = set.contains("Card Payment Chargeback Opened")
-                && !set.contains("Card Payment Chargeback Won");
-            prop_assert_eq!(
-                granted,
-                set.contains("Settled") && !reversed && !disputed,
-                "{:?}",
-                set
-            );
+            prop_assert_eq!(granted, entitled, "{:?}", set);
             if granted {
                 prop_assert_eq!(
                     &results[0].1,
@@ -295,4 +329,88 @@ async fn repeated_partial_refunds_revoke_once() {
         ledger.iter().map(|e| e.quantity).collect::<Vec<_>>(),
         [1000, -1000]
     );
+}
+
+/// Each chargeback id is its own dispute: a second dispute opened after the first was won
+/// revokes again (revoke-on-open), in whatever order the four events arrive, and winning it
+/// restores the grant.
+#[tokio::test]
+async fn a_second_dispute_after_a_won_one_revokes_again_until_it_is_won_too() {
+    let stack = Stack::start().await;
+    let mut client = ingest_client(stack.fulfillment.addr).await;
+    let mut q = stack.query().await;
+    let events = [
+        ("Settled", "2026-11-20T17:06:05.177Z", None),
+        (OPENED, "2026-11-25T10:00:00.000Z", Some("cb1")),
+        (WON, "2026-12-05T10:00:00.000Z", Some("cb1")),
+        (OPENED, "2026-12-10T10:00:00.000Z", Some("cb2")),
+    ];
+    let orders = permutations(&[0, 1, 2, 3]);
+    assert_eq!(orders.len(), 24);
+    for (n, order) in orders.iter().enumerate() {
+        let p = format!("two-disputes-{n}");
+        for &i in order {
+            let (event_type, created, id) = events[i];
+            ingest(
+                &mut client,
+                &chargeback(event_type, &p, "sword", 500, created, id),
+            )
+            .await;
+        }
+        let payment = q.payment(&p).await.unwrap();
+        assert_eq!(payment.state, "disputed", "{order:?}");
+        assert!(
+            q.wallet(&wallet_of(&p)).await.is_empty(),
+            "revoked: {order:?}"
+        );
+        assert_eq!(
+            payment.ledger.iter().map(|e| e.quantity).sum::<i64>(),
+            0,
+            "{order:?}"
+        );
+
+        let won = ingest(
+            &mut client,
+            &chargeback(
+                WON,
+                &p,
+                "sword",
+                500,
+                "2026-12-20T10:00:00.000Z",
+                Some("cb2"),
+            ),
+        )
+        .await;
+        // Restored, or granted for the first time when no prefix of the order was ever
+        // entitled (Settled arrived while a dispute was open, and stayed so).
+        let outcome = if !payment.ledger.is_empty() {
+            Outcome::Restored
+        } else {
+            Outcome::Granted
+        };
+        assert_eq!(won.outcome, outcome as i32, "{order:?}");
+        assert_eq!(q.payment(&p).await.unwrap().state, "restored", "{order:?}");
+        assert_eq!(
+            q.wallet(&wallet_of(&p)).await,
+            [("sword".to_owned(), 1)],
+            "{order:?}"
+        );
+    }
+}
+
+/// Every order of `items`.
+fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut all = Vec::new();
+    for (i, &first) in items.iter().enumerate() {
+        let mut rest = items.to_vec();
+        rest.remove(i);
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first);
+            all.push(tail);
+        }
+    }
+    all
 }

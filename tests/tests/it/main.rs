@@ -1,6 +1,7 @@
 //! End-to-end tests: the real edge and fulfillment over real sockets, gRPC and SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod accounts;
 mod api;
 mod auth;
 mod batching;

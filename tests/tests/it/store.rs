@@ -224,3 +224,291 @@ async fn an_event_that_fails_fails_alone_among_concurrent_ones() {
         .unwrap();
     assert_eq!(events, 36);
 }
+
+/// The release before migration 2 stored chargebacks without their ids; migrating fills
+/// them in from the raw bodies, taking what the live path takes (a non-empty string),
+/// whatever the body holds. So a dispute opened before the upgrade and won after it
+/// closes, instead of counting as a dispute `""` that stays open.
+#[tokio::test]
+async fn migrating_fills_in_the_chargeback_ids_of_recorded_events_from_their_bodies() {
+    use coinflow_tests::bodies::{chargeback, with_data};
+    use coinflow_tests::db::Backend;
+    use sqlx::SqlSafeStr;
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+    const OPENED: &str = "Card Payment Chargeback Opened";
+    let db = TestDb::new().await;
+    sqlx::any::install_default_drivers();
+    let (url, first) = match db.backend {
+        Backend::Sqlite => (
+            format!("{}?mode=rwc", db.url),
+            include_str!("../../../fulfillment-svc/migrations/sqlite/0001_ledger.sql"),
+        ),
+        Backend::Postgres => (
+            db.url.clone(),
+            include_str!("../../../fulfillment-svc/migrations/postgres/0001_ledger.sql"),
+        ),
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "ledger".into(),
+        MigrationType::Simple,
+        first.into_sql_str(),
+        false,
+    )])
+    .run(&pool)
+    .await
+    .unwrap();
+
+    // What the release before recorded: a sword granted, then revoked when a chargeback
+    // opened; and chargebacks whose bodies hold no usable id.
+    let settled_body = settled("p-legacy", "sword", 500);
+    let opened_body = chargeback(
+        OPENED,
+        "p-legacy",
+        "sword",
+        500,
+        "2026-11-25T10:00:00Z",
+        Some("cb_legacy"),
+    );
+    let base = |t: &str, p: &str| event(t, p, "sword", 500, "2026-11-26T10:00:00Z");
+    let mut legacy: Vec<(String, String, Vec<u8>, Option<&str>)> = vec![
+        (
+            "k-settled".into(),
+            "Settled".into(),
+            settled_body.clone(),
+            None,
+        ),
+        (
+            "k-opened".into(),
+            OPENED.into(),
+            opened_body,
+            Some("cb_legacy"),
+        ),
+        (
+            "k-no-id".into(),
+            "Card Payment Chargeback Won".into(),
+            base("Card Payment Chargeback Won", "p-no-id"),
+            None,
+        ),
+        (
+            "k-number".into(),
+            "PayPal Chargeback Opened".into(),
+            with_data(
+                &base("PayPal Chargeback Opened", "p-number"),
+                &[("chargebackId", 42.into())],
+            ),
+            None,
+        ),
+        (
+            "k-empty".into(),
+            "Venmo Chargeback Lost".into(),
+            with_data(
+                &base("Venmo Chargeback Lost", "p-empty"),
+                &[("chargebackId", "".into())],
+            ),
+            None,
+        ),
+        (
+            "k-garbage".into(),
+            OPENED.into(),
+            b"{\"data\": not json \xff".to_vec(),
+            None,
+        ),
+        (
+            "k-not-a-chargeback".into(),
+            "Settled".into(),
+            with_data(
+                &base("Settled", "p-other"),
+                &[("chargebackId", "cb_ignored".into())],
+            ),
+            None,
+        ),
+    ];
+    // The legacy Settled and Opened carry their real transport identities, so that a
+    // redelivery after the upgrade is a duplicate.
+    legacy[0].0 = proto(settled_body).event_key;
+    legacy[1].0 = proto(legacy[1].2.clone()).event_key;
+    for (key, event_type, body, _) in &legacy {
+        let payment = if key == &legacy[0].0 || key == &legacy[1].0 {
+            "p-legacy".to_owned()
+        } else {
+            format!("p-{key}")
+        };
+        sqlx::query(
+            "INSERT INTO events (event_key, event_type, category, created_raw, payment_id,
+                wallet, outcome, received_at_us, recorded_at_us, raw_body)
+             VALUES ($1, $2, 'Purchase', '2026-11-25T10:00:00Z', $3, 'w', 'recorded', 0, 0, $4)",
+        )
+        .bind(key)
+        .bind(event_type)
+        .bind(payment)
+        .bind(body.clone())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet,
+            raw_customer_id, recorded_at_us)
+         VALUES ('p-legacy', 'catalog', 'sword', 'v-old', '[{\"sku\":\"sword\",\"quantity\":1}]',
+            'mygameʬp-legacy', 'user-p-legacy', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (entry_no, kind, quantity, key) in [
+        (1, "grant", 1, &legacy[0].0),
+        (2, "revoke", -1, &legacy[1].0),
+    ] {
+        sqlx::query(
+            "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet,
+                raw_customer_id, item, catalog_version, event_key, actor, recorded_at_us)
+             VALUES ('p-legacy', $1, $2, 'sword', $3, 'mygameʬp-legacy', 'user-p-legacy',
+                'sword', 'v-old', $4, 'coinflow', 0)",
+        )
+        .bind(i64::from(entry_no))
+        .bind(kind)
+        .bind(i64::from(quantity))
+        .bind(key)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    // The upgrade.
+    let (store, catalog) = open(&db).await;
+    for (key, _, _, want) in &legacy {
+        let got: Option<String> =
+            sqlx::query_scalar("SELECT chargeback_id FROM events WHERE event_key = $1")
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(got.as_deref(), *want, "{key}");
+    }
+    let won = proto(chargeback(
+        "Card Payment Chargeback Won",
+        "p-legacy",
+        "sword",
+        500,
+        "2026-12-05T10:00:00Z",
+        Some("cb_legacy"),
+    ));
+    let ack = store.record(&won, &decide(&won, &catalog)).await.unwrap();
+    assert_eq!(ack.outcome, Outcome::Restored, "{ack:?}");
+    assert_eq!(
+        store
+            .entitlements(&Payer::Wallet("mygameʬp-legacy".into()))
+            .await
+            .unwrap(),
+        [("sword".to_owned(), 1)]
+    );
+
+    // PostgreSQL replicas of the release before keep recording during a rollout, without
+    // the column: the database fills it in from the body.
+    if db.backend == Backend::Postgres {
+        let late = chargeback(
+            OPENED,
+            "p-late",
+            "sword",
+            500,
+            "2026-11-27T10:00:00Z",
+            Some("cb_late"),
+        );
+        sqlx::query(
+            "INSERT INTO events (event_key, event_type, category, created_raw, payment_id,
+                wallet, outcome, received_at_us, recorded_at_us, raw_body)
+             VALUES ('k-late', $1, 'Purchase', '2026-11-27T10:00:00Z', 'p-late', 'w',
+                'recorded', 0, 0, $2)",
+        )
+        .bind(OPENED)
+        .bind(late)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let got: Option<String> =
+            sqlx::query_scalar("SELECT chargeback_id FROM events WHERE event_key = 'k-late'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(got.as_deref(), Some("cb_late"));
+    }
+}
+
+/// PostgreSQL: the reads have a pool of their own. However many readers crowd in (queries,
+/// watch streams polling), they hold at most its 4 connections, and ingest, on the write
+/// pool, records every event meanwhile.
+#[tokio::test]
+async fn readers_hold_only_their_own_pool_while_ingest_records() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use coinflow_tests::db::Backend;
+    use fulfillment_svc::store::LedgerFilter;
+
+    let db = TestDb::new().await;
+    if db.backend != Backend::Postgres {
+        return; // SQLite's readers have a read-only pool of their own.
+    }
+    let (store, catalog) = open(&db).await;
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut most = (0_i64, 0_i64);
+            while !done.load(Ordering::Relaxed) {
+                let (read, write): (i64, i64) = sqlx::query_as(
+                    "SELECT
+                        CAST(COUNT(*) FILTER (WHERE application_name = 'fulfillment-svc/read') AS BIGINT),
+                        CAST(COUNT(*) FILTER (WHERE application_name = 'fulfillment-svc/write') AS BIGINT)
+                     FROM pg_stat_activity WHERE datname = current_database()",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                most = (most.0.max(read), most.1.max(write));
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            most
+        })
+    };
+    let readers = (0..64).map(|i| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let payer = Payer::Wallet(format!("mygameʬp-pool-{i}"));
+            for _ in 0..10 {
+                store.entries_after(None, 0, 500).await.unwrap();
+                store.entitlements(&payer).await.unwrap();
+                let filter = LedgerFilter {
+                    payer: Some(payer.clone()),
+                    ..LedgerFilter::default()
+                };
+                store.list_ledger(&filter, None, 100).await.unwrap();
+            }
+        })
+    });
+    let writers = (0..64).map(|i| {
+        let ev = proto(settled(&format!("p-pool-{i}"), "sword", 500));
+        let decision = decide(&ev, &catalog);
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.record(&ev, &decision).await.unwrap() })
+    });
+    let (readers, writers) = futures::future::join(
+        futures::future::join_all(readers),
+        futures::future::join_all(writers),
+    )
+    .await;
+    done.store(true, Ordering::Relaxed);
+    let (reads, writes) = sampler.await.unwrap();
+    for r in readers {
+        r.unwrap();
+    }
+    for ack in writers {
+        assert_eq!(ack.unwrap().outcome, Outcome::Granted);
+    }
+    assert!((1..=4).contains(&reads), "read connections: {reads}");
+    assert!(writes >= 1, "write connections: {writes}");
+}
