@@ -35,8 +35,60 @@ pub const WEBHOOK_INFO_LIMITS: Limits = Limits {
     max_bytes: 16 * 1024,
 };
 
-/// Builds the event that carries everything Coinflow sent, raw bytes included.
+/// The longest identifier or name (`eventType`, `category`, `created`, the ids, the payer
+/// fields) carried as a field. Both backends store and index them as text, and PostgreSQL
+/// refuses an index entry over about 2.7 KB and any text holding U+0000, on every retry;
+/// a body with such a field is carried as [`unparseable`] instead (real ids are under 100
+/// bytes).
+pub const MAX_FIELD_BYTES: usize = 512;
+
+/// Whether a text field can be stored by every backend.
+pub fn storable(field: &str) -> bool {
+    field.len() <= MAX_FIELD_BYTES && !field.contains('\0')
+}
+
+/// Builds the event that carries everything Coinflow sent, raw bytes included. An
+/// envelope with a field no backend can store ([`storable`]) becomes [`unparseable`].
 pub fn to_proto(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) -> WebhookEvent {
+    let event = convert(envelope, raw_body, received_at);
+    match unstorable_field(&event) {
+        None => event,
+        Some(name) => unparseable(
+            event.raw_body,
+            format!("{name} is longer than {MAX_FIELD_BYTES} bytes or contains U+0000"),
+            received_at,
+        ),
+    }
+}
+
+/// The first text field of `event` that [`storable`] refuses.
+fn unstorable_field(event: &WebhookEvent) -> Option<&'static str> {
+    let required = [
+        ("eventType", &event.event_type),
+        ("category", &event.category),
+        ("created", &event.created_raw),
+    ];
+    let optional = [
+        ("data.id/paymentId", &event.payment_id),
+        ("data.merchantId", &event.merchant_id),
+        ("data.wallet", &event.wallet),
+        ("data.customerId", &event.customer_id),
+        ("data.rawCustomerId", &event.raw_customer_id),
+        ("data.chargebackId", &event.chargeback_id),
+        ("data.status", &event.refund_status),
+    ];
+    let bad_required = required.into_iter().find(|(_, v)| !storable(v));
+    let bad_optional = || {
+        optional
+            .into_iter()
+            .find(|(_, v)| v.as_deref().is_some_and(|v| !storable(v)))
+    };
+    bad_required
+        .map(|(name, _)| name)
+        .or_else(|| bad_optional().map(|(name, _)| name))
+}
+
+fn convert(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) -> WebhookEvent {
     let event_key = event_key(&envelope, &raw_body);
     let payment_id = envelope.payment_id();
     let data = &envelope.data;
@@ -95,7 +147,8 @@ pub fn unparseable(raw_body: Bytes, why: String, received_at: SystemTime) -> Web
 }
 
 /// The payment a body that is not a valid envelope names, if a plain JSON reading finds
-/// one (`data.id`, or `data.paymentId`; with a repeated key, the last copy). Only for
+/// one (`data.id`, or `data.paymentId`, when [`storable`]; with a repeated key, the last
+/// copy). Only for
 /// filing such an event under its payment for a person to look at: it never grants.
 pub fn best_effort_payment_id(raw_body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(raw_body).ok()?;
@@ -103,7 +156,7 @@ pub fn best_effort_payment_id(raw_body: &[u8]) -> Option<String> {
     ["id", "paymentId"]
         .iter()
         .find_map(|key| match data.get(*key)? {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::String(s) if !s.is_empty() && storable(s) => Some(s.clone()),
             Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
             _ => None,
         })
@@ -322,6 +375,42 @@ mod tests {
             )
             .payment_id,
             None
+        );
+    }
+
+    #[test]
+    fn a_field_no_backend_can_store_makes_the_body_unparseable() {
+        let long = "p".repeat(MAX_FIELD_BYTES + 1);
+        for data in [
+            format!(r#"{{"id":"{long}","wallet":"w"}}"#),
+            r#"{"id":"p","wallet":"w\u0000x"}"#.to_owned(),
+            r#"{"id":"p","chargebackId":"\u0000"}"#.to_owned(),
+        ] {
+            let body = format!(
+                r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{data}}}"#
+            );
+            let ev = to_proto(
+                Envelope::parse(body.as_bytes()).unwrap(),
+                Bytes::from(body.clone()),
+                SystemTime::UNIX_EPOCH,
+            );
+            assert!(ev.unparseable.is_some(), "{data}");
+            assert_eq!(ev.event_key, body_key(body.as_bytes()));
+            assert!(ev.payment_id.as_deref().is_none_or(storable), "{data}");
+            assert_eq!(&ev.raw_body[..], body.as_bytes());
+        }
+        let at_the_limit = format!(
+            r#"{{"eventType":"Settled","category":"Purchase","created":"c","data":{{"id":"{}"}}}}"#,
+            "p".repeat(MAX_FIELD_BYTES)
+        );
+        assert!(
+            to_proto(
+                Envelope::parse(at_the_limit.as_bytes()).unwrap(),
+                Bytes::from(at_the_limit),
+                SystemTime::UNIX_EPOCH
+            )
+            .unparseable
+            .is_none()
         );
     }
 

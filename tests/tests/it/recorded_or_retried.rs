@@ -331,3 +331,41 @@ async fn edge_metrics_stay_bounded_whatever_methods_and_paths_are_sent() {
     );
     assert!(edge.terminate().await.success());
 }
+
+/// Text a database cannot take in a text column or its index (PostgreSQL refuses U+0000 and
+/// index entries over ~2.7 KB) must not make an authentic event fail on every retry.
+#[tokio::test]
+async fn fields_no_database_can_store_are_recorded_with_the_raw_body() {
+    let stack = coinflow_tests::Stack::start().await;
+    let http = Http::default();
+    let long_id = "p".repeat(5000);
+    let bodies = [
+        String::from_utf8(settled("nul-1", "sword", 500))
+            .unwrap()
+            .replace(&wallet_of("nul-1"), "mygame\\u0000user"),
+        String::from_utf8(settled("long-1", "sword", 500))
+            .unwrap()
+            .replace("long-1", &long_id),
+        r#"{"eventType":"Card Payment Chargeback Opened","category":"Purchase","created":"c","data":{"id":"cb-nul","chargebackId":"cb\u0000"}}"#
+            .to_owned(),
+    ];
+    for body in &bodies {
+        let a = http
+            .deliver(&stack.edge.url(), body.clone().into_bytes())
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}: {}", &body[..80], a.text);
+        let (outcome, reason) = stack
+            .db
+            .event_outcome(&body_key(body.as_bytes()))
+            .await
+            .unwrap_or_else(|| panic!("not recorded: {}", &body[..80]));
+        assert_eq!(
+            (outcome.as_str(), reason.as_deref()),
+            ("held", Some("unparseable"))
+        );
+    }
+    let mut q = stack.query().await;
+    assert!(q.wallet(&wallet_of("nul-1")).await.is_empty());
+    // Filed under the payment when the id itself is fine.
+    assert_eq!(q.payment("nul-1").await.unwrap().events.len(), 1);
+}
