@@ -63,6 +63,10 @@ pub struct Config {
     /// `name:token`, comma-separated; the ledger records the name.
     #[arg(long, env = "FULFILLMENT_OPERATOR_TOKENS", value_parser = parse_secret_list, hide_env_values = true, default_value = "")]
     pub operator_tokens: SecretList,
+    /// Tokens of the **recovery** role (`fulfillment-svc recover`: looks up events and
+    /// payments, and records what Coinflow stopped retrying, marked recovered).
+    #[arg(long, env = "FULFILLMENT_RECOVERY_TOKENS", value_parser = parse_secret_list, hide_env_values = true, default_value = "")]
+    pub recovery_tokens: SecretList,
     /// Serve without checking any token (local development only; refused when tokens are
     /// configured).
     #[arg(long, env = "FULFILLMENT_ALLOW_UNAUTHENTICATED")]
@@ -95,6 +99,7 @@ impl Config {
             api_tokens: parse_secret_list(api_token).unwrap_or_default(),
             ingest_tokens: SecretList::default(),
             operator_tokens: SecretList::default(),
+            recovery_tokens: SecretList::default(),
             allow_unauthenticated: false,
             max_watch_streams: 256,
             request_timeout_secs: 10,

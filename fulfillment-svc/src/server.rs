@@ -98,6 +98,7 @@ impl Server {
             &config.ingest_tokens.0,
             &config.api_tokens.0,
             &config.operators().map_err(StartError::BadCredential)?,
+            &config.recovery_tokens.0,
             config.allow_unauthenticated,
         )?);
         let catalog = Arc::new(CatalogHandle::load(&config.catalog)?);

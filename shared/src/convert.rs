@@ -124,6 +124,7 @@ fn convert(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) -> Webh
         chargeback_id: data.str("chargebackId").map(str::to_owned),
         refund_status,
         unparseable: None,
+        recovered: false,
         received_at: Some(Timestamp::from(received_at)),
         raw_body,
         event_type: envelope.event_type,

@@ -97,6 +97,7 @@ impl Credentials {
         ingest: &[SecretString],
         query: &[SecretString],
         operators: &[(String, SecretString)],
+        recovery: &[SecretString],
         unauthenticated: bool,
     ) -> Result<Self, CredentialsError> {
         let role = |role| Caller::Credential { role, name: None };
@@ -104,6 +105,7 @@ impl Credentials {
             .iter()
             .map(|t| (t, role(Role::Ingest)))
             .chain(query.iter().map(|t| (t, role(Role::Query))))
+            .chain(recovery.iter().map(|t| (t, role(Role::Recovery))))
             .chain(operators.iter().map(|(name, t)| {
                 (
                     t,
@@ -188,10 +190,14 @@ impl Credentials {
         }
         let caller = self.authenticate(headers)?;
         match access {
-            Some(Access::Role(role)) if caller.may(role) => Ok(Some(caller)),
-            Some(Access::Role(role)) => Err(Status::permission_denied(format!(
-                "this credential is not allowed to call {path}: it needs a {} token",
-                role.as_str()
+            Some(Access::Roles(roles)) if roles.iter().any(|r| caller.may(*r)) => Ok(Some(caller)),
+            Some(Access::Roles(roles)) => Err(Status::permission_denied(format!(
+                "this credential is not allowed to call {path}: it needs a token of the {} role",
+                roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ))),
             _ => Err(Status::permission_denied(format!(
                 "{path} is not a method this server serves"
@@ -289,6 +295,7 @@ mod tests {
                 ("alice".into(), secret("op-a")),
                 ("bob".into(), secret("op-b")),
             ],
+            &[secret("rec")],
             false,
         )
         .unwrap()
@@ -306,19 +313,18 @@ mod tests {
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok)
         };
         use tonic::Code::{Ok, PermissionDenied, Unauthenticated};
-        for (path, ingest, query, operator) in [
-            (BATCH, Ok, PermissionDenied, PermissionDenied),
-            (CONSUME, PermissionDenied, Ok, PermissionDenied),
-            (RESOLVE, PermissionDenied, PermissionDenied, Ok),
-            (
-                "/x.Y/Z",
-                PermissionDenied,
-                PermissionDenied,
-                PermissionDenied,
-            ),
+        const EVENT: &str = "/coinflow.fulfillment.v1.Fulfillment/GetEvent";
+        const DENIED: tonic::Code = PermissionDenied;
+        for (path, ingest, query, operator, recovery) in [
+            (BATCH, Ok, DENIED, DENIED, Ok),
+            (CONSUME, DENIED, Ok, DENIED, DENIED),
+            (RESOLVE, DENIED, DENIED, Ok, DENIED),
+            (EVENT, DENIED, Ok, DENIED, Ok),
+            ("/x.Y/Z", DENIED, DENIED, DENIED, DENIED),
         ] {
             assert_eq!(code(path, "ing"), ingest, "{path}");
             assert_eq!(code(path, "qry"), query, "{path}");
+            assert_eq!(code(path, "rec"), recovery, "{path}");
             assert_eq!(code(path, "op-b"), operator, "{path}");
             assert_eq!(code(path, "nope"), Unauthenticated, "{path}");
             assert_eq!(
@@ -342,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_token_in_two_roles_or_no_ingest_token_is_refused() {
-        let err = Credentials::new(&[secret("t")], &[secret("t")], &[], false)
+        let err = Credentials::new(&[secret("t")], &[secret("t")], &[], &[], false)
             .err()
             .unwrap();
         assert_eq!(
@@ -354,20 +360,21 @@ mod tests {
             &[secret("i")],
             &[],
             &[("a".into(), secret("x")), ("b".into(), secret("x"))],
+            &[],
             false,
         )
         .err()
         .unwrap();
         assert!(matches!(err, CredentialsError::Reused(..)), "{err}");
         assert_eq!(
-            Credentials::new(&[], &[secret("q")], &[], false).err(),
+            Credentials::new(&[], &[secret("q")], &[], &[], false).err(),
             Some(CredentialsError::NoIngestTokens)
         );
         assert_eq!(
-            Credentials::new(&[secret("i")], &[], &[], true).err(),
+            Credentials::new(&[secret("i")], &[], &[], &[], true).err(),
             Some(CredentialsError::Contradictory)
         );
-        let open = Credentials::new(&[], &[], &[], true).unwrap();
+        let open = Credentials::new(&[], &[], &[], &[], true).unwrap();
         assert_eq!(
             open.authorize(RESOLVE, &HeaderMap::new()).unwrap(),
             Some(Caller::Unauthenticated)

@@ -15,7 +15,9 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::auth::Caller;
 use super::invalid;
+use super::methods::Role;
 use crate::catalog::CatalogHandle;
 use crate::decision::decide;
 use crate::observe::{BATCH_METHOD, Metrics, record_status, server_span};
@@ -42,8 +44,14 @@ impl IngestService {
     }
 
     /// Records one event; the current span is the call's (or the batched event's).
-    async fn record(&self, event: Option<WebhookEvent>) -> Result<DeliverResponse, Status> {
-        let event = event.ok_or_else(|| invalid("event", "required"))?;
+    /// `recovered` comes from the caller's credential and overrides the event's field.
+    async fn record(
+        &self,
+        event: Option<WebhookEvent>,
+        recovered: bool,
+    ) -> Result<DeliverResponse, Status> {
+        let mut event = event.ok_or_else(|| invalid("event", "required"))?;
+        event.recovered = recovered;
         if event.event_key.is_empty() {
             return Err(invalid(
                 "event.event_key",
@@ -118,12 +126,16 @@ impl IngestService {
     }
 
     /// Records one event of a batch under its own server span, in its delivery's trace.
-    async fn record_batched(&self, batched: BatchedEvent) -> DeliverResult {
+    async fn record_batched(&self, batched: BatchedEvent, recovered: bool) -> DeliverResult {
         let span = server_span("coinflow.fulfillment.v1.Ingest", BATCH_METHOD);
         let _ = span.set_parent(coinflow_shared::telemetry::extract_map(
             &batched.trace_context,
         ));
-        let (result, code) = match self.record(batched.event).instrument(span.clone()).await {
+        let (result, code) = match self
+            .record(batched.event, recovered)
+            .instrument(span.clone())
+            .await
+        {
             Ok(ack) => (Outcome::Ack(ack), 0),
             Err(status) => {
                 let code = status.code() as i32;
@@ -147,7 +159,8 @@ impl Ingest for IngestService {
         &self,
         request: Request<DeliverRequest>,
     ) -> Result<Response<DeliverResponse>, Status> {
-        self.record(request.into_inner().event)
+        let recovered = by_recovery(&request);
+        self.record(request.into_inner().event, recovered)
             .await
             .map(Response::new)
     }
@@ -156,12 +169,28 @@ impl Ingest for IngestService {
         &self,
         request: Request<DeliverBatchRequest>,
     ) -> Result<Response<DeliverBatchResponse>, Status> {
+        let recovered = by_recovery(&request);
         let events = request.into_inner().events;
         if events.len() > MAX_BATCH {
             return Err(invalid("events", &format!("at most {MAX_BATCH} per call")));
         }
-        let results =
-            futures::future::join_all(events.into_iter().map(|e| self.record_batched(e))).await;
+        let results = futures::future::join_all(
+            events
+                .into_iter()
+                .map(|e| self.record_batched(e, recovered)),
+        )
+        .await;
         Ok(Response::new(DeliverBatchResponse { results }))
     }
+}
+
+/// Whether the caller holds a recovery credential: its events are recorded as recovered.
+fn by_recovery<T>(request: &Request<T>) -> bool {
+    matches!(
+        request.extensions().get::<Caller>(),
+        Some(Caller::Credential {
+            role: Role::Recovery,
+            ..
+        })
+    )
 }

@@ -11,6 +11,9 @@ pub enum Role {
     Query,
     /// Support staff: the review queue, whose payloads carry customer data.
     Operator,
+    /// `fulfillment-svc recover`: looks events and payments up, and records what Coinflow
+    /// stopped retrying (such events are marked recovered).
+    Recovery,
 }
 
 impl Role {
@@ -20,6 +23,7 @@ impl Role {
             Self::Ingest => "ingest",
             Self::Query => "query",
             Self::Operator => "operator",
+            Self::Recovery => "recovery",
         }
     }
 }
@@ -29,8 +33,8 @@ impl Role {
 pub enum Access {
     /// Anyone: health checks and reflection (they reveal nothing recorded).
     Open,
-    /// Only a credential of this role.
-    Role(Role),
+    /// Only a credential of one of these roles.
+    Roles(&'static [Role]),
 }
 
 /// One served method.
@@ -55,6 +59,11 @@ const fn m(service: &'static str, method: &'static str, access: Access) -> Metho
     }
 }
 
+const INGESTING: Access = Access::Roles(&[Role::Ingest, Role::Recovery]);
+const QUERY: Access = Access::Roles(&[Role::Query]);
+const LOOKUP: Access = Access::Roles(&[Role::Query, Role::Recovery]);
+const OPERATOR: Access = Access::Roles(&[Role::Operator]);
+
 /// Every method served.
 pub const METHODS: &[Method] = &[
     m("grpc.health.v1.Health", "Check", Access::Open),
@@ -69,15 +78,16 @@ pub const METHODS: &[Method] = &[
         "ServerReflectionInfo",
         Access::Open,
     ),
-    m(INGEST, "Deliver", Access::Role(Role::Ingest)),
-    m(INGEST, "DeliverBatch", Access::Role(Role::Ingest)),
-    m(FULFILLMENT, "GetEntitlements", Access::Role(Role::Query)),
-    m(FULFILLMENT, "GetPayment", Access::Role(Role::Query)),
-    m(FULFILLMENT, "ListLedger", Access::Role(Role::Query)),
-    m(FULFILLMENT, "WatchEntitlements", Access::Role(Role::Query)),
-    m(FULFILLMENT, "Consume", Access::Role(Role::Query)),
-    m(FULFILLMENT, "ListHeld", Access::Role(Role::Operator)),
-    m(FULFILLMENT, "ResolveHeld", Access::Role(Role::Operator)),
+    m(INGEST, "Deliver", INGESTING),
+    m(INGEST, "DeliverBatch", INGESTING),
+    m(FULFILLMENT, "GetEntitlements", QUERY),
+    m(FULFILLMENT, "GetPayment", LOOKUP),
+    m(FULFILLMENT, "GetEvent", LOOKUP),
+    m(FULFILLMENT, "ListLedger", QUERY),
+    m(FULFILLMENT, "WatchEntitlements", QUERY),
+    m(FULFILLMENT, "Consume", QUERY),
+    m(FULFILLMENT, "ListHeld", OPERATOR),
+    m(FULFILLMENT, "ResolveHeld", OPERATOR),
 ];
 
 /// The method a request path (`/package.Service/Method`) names, if it is one served.
@@ -122,12 +132,12 @@ mod tests {
     #[test]
     fn paths_resolve_exactly() {
         let batch = lookup("/coinflow.fulfillment.v1.Ingest/DeliverBatch").unwrap();
-        assert_eq!(batch.access, Access::Role(Role::Ingest));
+        assert_eq!(batch.access, INGESTING);
         assert_eq!(
             lookup("/coinflow.fulfillment.v1.Fulfillment/ResolveHeld")
                 .unwrap()
                 .access,
-            Access::Role(Role::Operator)
+            OPERATOR
         );
         for path in [
             "",

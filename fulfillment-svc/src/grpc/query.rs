@@ -12,9 +12,10 @@ use coinflow_shared::proto::v1::fulfillment_server::Fulfillment;
 use coinflow_shared::proto::v1::resolve_held_request::Resolution as ResolutionField;
 use coinflow_shared::proto::v1::{
     self as pb, ConsumeRequest, ConsumeResponse, Entitlement, GetEntitlementsRequest,
-    GetEntitlementsResponse, GetPaymentRequest, GetPaymentResponse, LedgerEntry, ListHeldRequest,
-    ListHeldResponse, ListLedgerRequest, ListLedgerResponse, Outcome, Payment, RecordedEvent,
-    ResolveHeldRequest, ResolveHeldResponse, WatchEntitlementsRequest,
+    GetEntitlementsResponse, GetEventRequest, GetEventResponse, GetPaymentRequest,
+    GetPaymentResponse, LedgerEntry, ListHeldRequest, ListHeldResponse, ListLedgerRequest,
+    ListLedgerResponse, Outcome, Payment, RecordedEvent, ResolveHeldRequest, ResolveHeldResponse,
+    WatchEntitlementsRequest,
 };
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
@@ -177,6 +178,27 @@ impl Fulfillment for QueryService {
                 ledger: record.ledger,
                 review: record.review,
             }),
+        }))
+    }
+
+    async fn get_event(
+        &self,
+        request: Request<GetEventRequest>,
+    ) -> Result<Response<GetEventResponse>, Status> {
+        let event_key = request.into_inner().event_key;
+        if event_key.is_empty() {
+            return Err(invalid(
+                "event_key",
+                "required: the event's transport identity",
+            ));
+        }
+        let (event, payment_id) =
+            self.store.event(&event_key).await?.ok_or_else(|| {
+                Status::not_found(format!("no event recorded under {event_key:?}"))
+            })?;
+        Ok(Response::new(GetEventResponse {
+            event: Some(event),
+            payment_id,
         }))
     }
 

@@ -195,6 +195,12 @@ pub trait Store: Send + Sync + 'static {
     async fn entitlements(&self, payer: &Payer) -> Result<Vec<(String, i64)>, StoreError>;
     /// Everything recorded for a payment; `None` when nothing is.
     async fn payment(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError>;
+    /// One event by its transport identity, with its payment id; `None` when it is not
+    /// recorded.
+    async fn event(
+        &self,
+        event_key: &str,
+    ) -> Result<Option<(RecordedEvent, Option<String>)>, StoreError>;
     /// Ledger entries matching `filter` with `seq < before` (newest first), at most `limit`.
     async fn list_ledger(
         &self,
@@ -227,6 +233,29 @@ pub trait Store: Send + Sync + 'static {
     async fn held_summary(&self) -> Result<(u64, Option<i64>), StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The actor of the entries a webhook event causes.
+const ACTOR_COINFLOW: &str = "coinflow";
+/// The actor of the entries an event recorded by `recover --direct` causes.
+const ACTOR_RECOVERY: &str = "recovery";
+
+/// The stored origin of `event` (`events.origin`).
+pub(crate) fn origin(event: &WebhookEvent) -> &'static str {
+    if event.recovered {
+        "recovery"
+    } else {
+        "coinflow"
+    }
+}
+
+/// Who the ledger says caused the entries `event` writes.
+pub(crate) fn actor(event: &WebhookEvent) -> &'static str {
+    if event.recovered {
+        ACTOR_RECOVERY
+    } else {
+        ACTOR_COINFLOW
+    }
 }
 
 /// The names outcomes are stored under.

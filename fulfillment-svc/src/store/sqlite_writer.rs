@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::queue::{self, Job, Queue, fill, notify, unavailable};
 use super::reconcile::{Delta, Held, Stored, apply};
-use super::{Ack, StoreError, micros, outcome_from_name, outcome_name, timestamp};
+use super::{Ack, StoreError, actor, micros, origin, outcome_from_name, outcome_name, timestamp};
 use crate::catalog::Grant;
 use crate::decision::{Decision, GrantPlan};
 use crate::lifecycle::ChargebackPolicy;
@@ -328,8 +328,8 @@ fn record_in(
     conn.prepare_cached(
         "INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet,
             raw_customer_id, refund_status, chargeback_id, outcome, held_reason, received_at_us,
-            recorded_at_us, raw_body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            recorded_at_us, raw_body, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -347,6 +347,7 @@ fn record_in(
             received,
             now,
             &event.raw_body[..],
+            origin(event),
         ])
     })
     .map_err(error)?;
@@ -376,7 +377,7 @@ fn record_in(
             conn,
             plan,
             &effect.deltas,
-            &event.event_key,
+            (&event.event_key, actor(event)),
             now,
             new_payment,
         )?;
@@ -477,7 +478,7 @@ fn append(
     conn: &Connection,
     plan: &GrantPlan,
     deltas: &[Delta],
-    event_key: &str,
+    (event_key, actor): (&str, &str),
     now: i64,
     new_payment: bool,
 ) -> Result<Vec<LedgerEntry>, StoreError> {
@@ -496,7 +497,7 @@ fn append(
         .prepare_cached(
             "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet, raw_customer_id,
                 item, catalog_version, event_key, actor, recorded_at_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'coinflow', ?11)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(error)?;
     let mut written = Vec::with_capacity(deltas.len());
@@ -513,6 +514,7 @@ fn append(
             plan.item,
             plan.catalog_version,
             event_key,
+            actor,
             now
         ])
         .map_err(error)?;
@@ -528,7 +530,7 @@ fn append(
             event_key: event_key.to_owned(),
             recorded_at: Some(timestamp(now)),
             catalog_version: plan.catalog_version.clone(),
-            actor: "coinflow".to_owned(),
+            actor: actor.to_owned(),
             note: None,
         });
     }

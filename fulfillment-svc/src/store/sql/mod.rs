@@ -77,7 +77,7 @@ macro_rules! ledger_columns {
 macro_rules! event_columns {
     () => {
         "event_key, event_type, category, created_raw, outcome, held_reason, received_at_us, \
-         raw_body, refund_status, seq, payment_id, wallet, raw_customer_id, chargeback_id"
+         raw_body, refund_status, seq, payment_id, wallet, raw_customer_id, chargeback_id, origin"
     };
 }
 
@@ -203,6 +203,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "chargeback ids",
         include_str!("../../../migrations/sqlite/0002_chargeback_ids.sql"),
     ),
+    (
+        3,
+        "event origin",
+        include_str!("../../../migrations/sqlite/0003_event_origin.sql"),
+    ),
 ];
 
 /// PostgreSQL's migrations, oldest first.
@@ -216,6 +221,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "chargeback ids",
         include_str!("../../../migrations/postgres/0002_chargeback_ids.sql"),
+    ),
+    (
+        3,
+        "event origin",
+        include_str!("../../../migrations/postgres/0003_event_origin.sql"),
     ),
 ];
 
@@ -393,6 +403,7 @@ fn recorded_event(row: &AnyRow) -> Result<RecordedEvent, sqlx::Error> {
         held_reason: row.try_get(5)?,
         received_at: Some(timestamp(row.try_get(6)?)),
         raw_body: row.try_get::<Vec<u8>, _>(7)?.into(),
+        recovered: row.try_get::<String, _>(14)? == "recovery",
     })
 }
 
@@ -690,6 +701,13 @@ impl Store for SqlStore {
 
     async fn payment(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError> {
         self.core.payment(payment_id).await
+    }
+
+    async fn event(
+        &self,
+        event_key: &str,
+    ) -> Result<Option<(RecordedEvent, Option<String>)>, StoreError> {
+        self.core.event(event_key).await
     }
 
     async fn list_ledger(

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use coinflow_shared::proto::v1::LedgerEntry;
+use coinflow_shared::proto::v1::{LedgerEntry, RecordedEvent};
 use sqlx::Row;
 
 use super::record::{EVENT_FACTS, PLANS, REVIEWS, event_fact, plan_of};
@@ -47,6 +47,12 @@ const PAYMENT_EVENTS: &str = concat!(
     "SELECT ",
     event_columns!(),
     " FROM events WHERE payment_id = $1 ORDER BY seq"
+);
+/// One event by its transport identity.
+const EVENT_BY_KEY: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE event_key = $1"
 );
 /// A payment's ledger entries, in the order recorded.
 const PAYMENT_ENTRIES: &str = concat!(
@@ -121,6 +127,20 @@ impl Core {
             .bind(id)
             .fetch_all(&self.read)
             .await
+            .map_err(classify)
+    }
+
+    pub(super) async fn event(
+        &self,
+        event_key: &str,
+    ) -> Result<Option<(RecordedEvent, Option<String>)>, StoreError> {
+        let row = sqlx::query(EVENT_BY_KEY)
+            .bind(event_key)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(classify)?;
+        row.map(|row| Ok((recorded_event(&row)?, row.try_get(10)?)))
+            .transpose()
             .map_err(classify)
     }
 

@@ -13,7 +13,9 @@ use super::{Core, classify, fetch_in, ledger_entries, with_rows};
 use crate::catalog::Grant;
 use crate::decision::{Decision, GrantPlan};
 use crate::store::reconcile::{Delta, Held, Stored, apply};
-use crate::store::{Ack, EventDetail, StoreError, micros, outcome_from_name, outcome_name};
+use crate::store::{
+    Ack, EventDetail, StoreError, actor, micros, origin, outcome_from_name, outcome_name,
+};
 
 /// The stored outcome of each event key listed: `IN ($1, ...)`.
 const EXISTING_EVENTS: &str =
@@ -31,11 +33,11 @@ pub(super) const PLANS: &str = "SELECT payment_id, item, catalog_version, grants
 const PAYMENT_SUMS: &str = "SELECT payment_id, sku, CAST(SUM(quantity) AS BIGINT) FROM ledger \
      WHERE kind IN ('grant', 'revoke', 'restore') AND payment_id IN";
 const PAYMENT_SUMS_TAIL: &str = "GROUP BY payment_id, sku";
-/// Events, one row of 14 values each.
+/// Events, one row of 15 values each.
 const INSERT_EVENTS: &str = "INSERT INTO events (event_key, event_type, category, created_raw, \
      payment_id, wallet, raw_customer_id, refund_status, chargeback_id, outcome, held_reason, \
-     received_at_us, recorded_at_us, raw_body) VALUES";
-const EVENT_VALUES: usize = 14;
+     received_at_us, recorded_at_us, raw_body, origin) VALUES";
+const EVENT_VALUES: usize = 15;
 /// Plans, one row of 8 values each.
 const INSERT_PLANS: &str = "INSERT INTO plans (payment_id, source, item, catalog_version, \
      grants, wallet, raw_customer_id, recorded_at_us) VALUES";
@@ -59,6 +61,7 @@ pub(super) struct Prepared {
     ack: Ack,
     append: Option<(GrantPlan, Vec<Delta>)>,
     event_key: String,
+    actor: &'static str,
     now: i64,
 }
 
@@ -68,6 +71,7 @@ impl Prepared {
             ack,
             append: None,
             event_key: String::new(),
+            actor: "coinflow",
             now: 0,
         }
     }
@@ -172,6 +176,7 @@ impl Core {
                 },
                 append: effect.plan.map(|plan| (plan, effect.deltas)),
                 event_key: event.event_key.clone(),
+                actor: actor(event),
                 now,
             });
         }
@@ -192,7 +197,7 @@ impl Core {
             .iter()
             .map(|p| Cause {
                 event_key: Some(&p.event_key),
-                actor: "coinflow",
+                actor: p.actor,
                 note: None,
             })
             .collect();
@@ -392,7 +397,8 @@ async fn insert_events(
             .bind(held_reason)
             .bind(received)
             .bind(now)
-            .bind(event.raw_body.to_vec());
+            .bind(event.raw_body.to_vec())
+            .bind(origin(event));
     }
     query.execute(&mut *conn).await.map_err(classify)?;
     Ok(())
