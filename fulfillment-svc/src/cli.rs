@@ -27,7 +27,8 @@ pub struct Target {
     )]
     pub server: String,
     /// A bearer token: a query token (FULFILLMENT_API_TOKENS) for `payment` and
-    /// `entitlements`, an operator token (FULFILLMENT_OPERATOR_TOKENS) for `held`.
+    /// `entitlements`, an operator token (FULFILLMENT_OPERATOR_TOKENS) for `held`, a
+    /// recovery token (FULFILLMENT_RECOVERY_TOKENS) for `recover`.
     #[arg(long, env = "FULFILLMENT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<SecretString>,
 }
@@ -77,8 +78,9 @@ pub enum CliError {
     Call(#[from] Status),
 }
 
+/// Adds the target's bearer token (if any) to every call.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub(crate) struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -92,6 +94,12 @@ impl Interceptor for Bearer {
 type Client = FulfillmentClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 async fn connect(target: &Target) -> Result<Client, CliError> {
+    let (channel, bearer) = channel(target).await?;
+    Ok(FulfillmentClient::with_interceptor(channel, bearer))
+}
+
+/// A channel to the target and the interceptor that authenticates its calls.
+pub(crate) async fn channel(target: &Target) -> Result<(Channel, Bearer), CliError> {
     let channel = Endpoint::from_shared(target.server.clone())
         .map_err(|e| CliError::Connect(target.server.clone(), e))?
         .connect()
@@ -102,7 +110,7 @@ async fn connect(target: &Target) -> Result<Client, CliError> {
         v.set_sensitive(true);
         Some(v)
     });
-    Ok(FulfillmentClient::with_interceptor(channel, Bearer(bearer)))
+    Ok((channel, Bearer(bearer)))
 }
 
 fn show_entry(e: &LedgerEntry) {

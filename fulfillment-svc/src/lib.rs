@@ -15,6 +15,7 @@ pub mod decision;
 pub mod grpc;
 pub mod lifecycle;
 pub mod observe;
+pub mod recover;
 pub mod server;
 pub mod store;
 

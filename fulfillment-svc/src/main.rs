@@ -1,4 +1,4 @@
-//! The fulfillment-svc binary: serve (the default), and the operator CLI.
+//! The fulfillment-svc binary: serve (the default), the operator CLI, and `recover`.
 
 use clap::{Parser, Subcommand};
 use coinflow_shared::config::LogFormat;
@@ -6,6 +6,7 @@ use coinflow_shared::proto::v1::payer::Id as PayerId;
 use coinflow_shared::telemetry::Telemetry;
 use fulfillment_svc::catalog::Catalog;
 use fulfillment_svc::cli::{self, HeldCommand, Target};
+use fulfillment_svc::recover::{self, RecoverArgs};
 use fulfillment_svc::store::sql::{SqlStore, redact};
 use fulfillment_svc::{Config, Server};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,10 @@ enum Command {
         /// The payment id.
         payment_id: String,
     },
+    /// Bring in what Coinflow stopped retrying (its delivery log: resend, or record
+    /// directly) and report what the ledger does not reflect (its payments, refunds and
+    /// chargebacks). Exits non-zero while discrepancies remain.
+    Recover(Box<RecoverArgs>),
     /// Show a payer's net entitlements.
     Entitlements {
         #[command(flatten)]
@@ -86,6 +91,15 @@ async fn main() -> anyhow::Result<()> {
                 catalog.version,
                 catalog.items.len()
             );
+        }
+        Command::Recover(args) => {
+            let telemetry =
+                Telemetry::init("fulfillment-recover", cli.log_format, "info,sqlx=warn")?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(coinflow_shared::shutdown::on_signal(shutdown.clone()));
+            let result = recover::run(*args, shutdown).await;
+            telemetry.shutdown();
+            result?;
         }
         Command::Held { target, command } => cli::held(&target, command).await?,
         Command::Payment { target, payment_id } => cli::payment(&target, payment_id).await?,

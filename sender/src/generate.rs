@@ -31,8 +31,17 @@ const ITEMS: [(&str, i64); 4] = [
 
 /// One event body.
 pub fn event(event_type: &str, payment_id: &str, item: &str, cents: i64, created: &str) -> Bytes {
-    Bytes::from(
-        serde_json::json!({
+    Bytes::from(json(event_type, payment_id, item, cents, created).to_string())
+}
+
+fn json(
+    event_type: &str,
+    payment_id: &str,
+    item: &str,
+    cents: i64,
+    created: &str,
+) -> serde_json::Value {
+    serde_json::json!({
             "eventType": event_type,
             "category": "Purchase",
             "created": created,
@@ -47,9 +56,23 @@ pub fn event(event_type: &str, payment_id: &str, item: &str, cents: i64, created
                 "total": { "cents": cents + 25, "currency": "USD" },
                 "paymentMethod": "card",
             }
-        })
-        .to_string(),
-    )
+    })
+}
+
+/// An event of generated traffic: as [`event`], and a chargeback carries `chargebackId`
+/// (`cb-` + the payment id: one dispute per payment), as Coinflow's do.
+fn traffic_event(
+    event_type: &str,
+    payment_id: &str,
+    item: &str,
+    cents: i64,
+    created: &str,
+) -> Bytes {
+    let mut body = json(event_type, payment_id, item, cents, created);
+    if event_type.contains(" Chargeback ") {
+        body["data"]["chargebackId"] = format!("cb-{payment_id}").into();
+    }
+    Bytes::from(body.to_string())
 }
 
 fn created(n: u64) -> String {
@@ -111,7 +134,7 @@ pub fn generate(t: &Traffic) -> Vec<Bytes> {
             .iter()
             .map(|(event_type, cents)| {
                 clock += 1 + rng.random_range(0..30);
-                event(event_type, &id, item, *cents, &created(clock))
+                traffic_event(event_type, &id, item, *cents, &created(clock))
             })
             .collect();
         if rng.random::<f64>() < t.reorder_ratio {

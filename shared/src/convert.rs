@@ -133,6 +133,32 @@ fn convert(envelope: Envelope, raw_body: Bytes, received_at: SystemTime) -> Webh
     }
 }
 
+/// The most of a parse error kept as an event's `unparseable` reason: serde's messages
+/// can quote the body.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// The event of an authenticated body, the one way both the edge and `recover` build it:
+/// converted when it is a v2 envelope, else [`unparseable`], carrying the body and why.
+pub fn from_body(body: Bytes, received_at: SystemTime) -> WebhookEvent {
+    match Envelope::parse(&body) {
+        Ok(envelope) => to_proto(envelope, body, received_at),
+        Err(e) => unparseable(body, truncate(e.to_string(), MAX_REASON_BYTES), received_at),
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
 /// The event for an authenticated body that is not a v2 envelope: identified by its
 /// bytes, carrying them whole, with `why` and, when the body still yields one, the
 /// payment it names ([`best_effort_payment_id`]).
@@ -413,6 +439,36 @@ mod tests {
             .unparseable
             .is_none()
         );
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(truncate("short".into(), 8), "short");
+        assert_eq!(truncate("abcdefgh".into(), 4), "abcd…");
+        assert_eq!(truncate("aé".into(), 2), "a…");
+    }
+
+    #[test]
+    fn a_body_is_converted_or_carried_as_unparseable() {
+        let now = SystemTime::UNIX_EPOCH;
+        let event = from_body(
+            Bytes::from_static(br#"{"eventType":"Settled","eventType":"x"}"#),
+            now,
+        );
+        assert!(event.unparseable.as_deref().unwrap().contains("duplicate"));
+        assert!(event.event_type.is_empty() && event.event_key.starts_with("b1:"));
+        let long = format!(
+            r#"{{"eventType":"S","category":"P","created":"c","data":"{}"}}"#,
+            "x".repeat(10_000)
+        );
+        let event = from_body(Bytes::from(long), now);
+        assert!(event.unparseable.unwrap().len() <= MAX_REASON_BYTES + '…'.len_utf8());
+        let event = from_body(
+            Bytes::from_static(include_bytes!("../../fixtures/settled-sword.json")),
+            now,
+        );
+        assert_eq!(event.unparseable, None);
+        assert_eq!(event.event_type, "Settled");
     }
 
     #[test]

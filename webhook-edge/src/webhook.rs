@@ -17,8 +17,7 @@ use http_body_util::{BodyExt, LengthLimitError};
 use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
-use coinflow_shared::convert::{to_proto, unparseable};
-use coinflow_shared::envelope::Envelope;
+use coinflow_shared::convert::from_body;
 use coinflow_shared::proto::v1::{Outcome, WebhookEvent};
 
 use crate::auth::Authenticator;
@@ -139,42 +138,19 @@ impl Webhook {
     }
 }
 
-/// The most of a parse error kept as the event's `unparseable` reason: serde's messages
-/// can quote the body.
-const MAX_REASON_BYTES: usize = 256;
-
-/// The event of an authenticated body: converted when it is a v2 envelope, else an
-/// `unparseable` one carrying the body and why.
+/// The event of an authenticated body ([`from_body`]), logged when it is not an envelope.
 fn parse(body: Bytes) -> WebhookEvent {
-    let now = SystemTime::now();
-    match Envelope::parse(&body) {
-        Ok(envelope) => to_proto(envelope, body, now),
-        Err(e) => {
-            let why = truncate(e.to_string(), MAX_REASON_BYTES);
-            let event = unparseable(body, why, now);
-            tracing::warn!(
-                event_key = %event.event_key,
-                payment_id = event.payment_id.as_deref().unwrap_or(""),
-                bytes = event.raw_body.len(),
-                why = event.unparseable.as_deref().unwrap_or(""),
-                "authenticated body is not a v2 envelope: delivering it to be recorded and held"
-            );
-            event
-        }
+    let event = from_body(body, SystemTime::now());
+    if let Some(why) = &event.unparseable {
+        tracing::warn!(
+            event_key = %event.event_key,
+            payment_id = event.payment_id.as_deref().unwrap_or(""),
+            bytes = event.raw_body.len(),
+            why = %why,
+            "authenticated body is not a v2 envelope: delivering it to be recorded and held"
+        );
     }
-}
-
-/// `s` cut to at most `max` bytes, on a character boundary, marked when cut.
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
+    event
 }
 
 /// Reads the whole body (capped by the stack's body limit) into one buffer.
@@ -214,36 +190,4 @@ fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reasons_are_cut_on_a_character_boundary() {
-        assert_eq!(truncate("short".into(), 8), "short");
-        assert_eq!(truncate("abcdefgh".into(), 4), "abcd…");
-        assert_eq!(truncate("aé".into(), 2), "a…");
-    }
-
-    #[test]
-    fn a_body_that_is_not_an_envelope_becomes_an_unparseable_event() {
-        let event = parse(Bytes::from_static(
-            br#"{"eventType":"Settled","eventType":"x"}"#,
-        ));
-        assert!(event.unparseable.as_deref().unwrap().contains("duplicate"));
-        assert!(event.event_type.is_empty() && event.event_key.starts_with("b1:"));
-        let long = format!(
-            r#"{{"eventType":"S","category":"P","created":"c","data":"{}"}}"#,
-            "x".repeat(10_000)
-        );
-        let event = parse(Bytes::from(long));
-        assert!(event.unparseable.unwrap().len() <= MAX_REASON_BYTES + '…'.len_utf8());
-        let event = parse(Bytes::from_static(include_bytes!(
-            "../../fixtures/settled-sword.json"
-        )));
-        assert_eq!(event.unparseable, None);
-        assert_eq!(event.event_type, "Settled");
-    }
 }

@@ -39,7 +39,7 @@ async fn pool(db: &TestDb) -> sqlx::AnyPool {
 }
 
 /// What each payment must end with, derived independently from the bodies sent.
-fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
+pub(crate) fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
     let catalog = Catalog::load(&coinflow_tests::catalog_path()).unwrap();
     let mut by_payment: HashMap<String, Vec<coinflow_shared::proto::v1::WebhookEvent>> =
         HashMap::new();
