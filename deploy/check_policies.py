@@ -30,6 +30,8 @@ def find(docs, kind, name):
 
 
 def pod_spec(obj):
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return obj["spec"]["template"]["spec"]
 
 
@@ -44,7 +46,7 @@ def check(overlay, docs):
         if not ok:
             errors.append(f"{overlay}: {what}")
 
-    workloads = [d for d in docs if d["kind"] in ("Deployment", "Job")]
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "Job", "CronJob")]
     need(workloads, "no workloads rendered")
     for w in workloads:
         name = f'{w["kind"]}/{w["metadata"]["name"]}'
@@ -121,6 +123,21 @@ def check(overlay, docs):
             claims = [v for v in pod_spec(ful).get("volumes", []) if "persistentVolumeClaim" in v]
             need(claims, "local keeps the SQLite ledger on a PVC")
 
+    rec = find(docs, "CronJob", "coinflow-recover")
+    need(rec is not None, "CronJob/coinflow-recover missing (recovery after Coinflow gives up)")
+    if rec:
+        need(rec["spec"].get("concurrencyPolicy") == "Forbid", "coinflow-recover runs must not overlap (concurrencyPolicy: Forbid)")
+        args = pod_spec(rec)["containers"][0].get("args", [])
+        window = args[args.index("--window") + 1] if "--window" in args else "48h"
+        hours = int(window[:-1]) if window.endswith("h") and window[:-1].isdigit() else 0
+        need(hours > 36, f"coinflow-recover --window {window} must cover more than Coinflow's retries (36 h at most)")
+        egress = [p for p in docs if p["kind"] == "NetworkPolicy"
+                  and p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "coinflow-recover"
+                  and "Egress" in p["spec"].get("policyTypes", [])]
+        need(egress, "coinflow-recover needs an egress NetworkPolicy")
+        if overlay == "local":
+            need(rec["spec"].get("suspend") is True, "local has no Coinflow API key: the recovery CronJob is suspended")
+
     pols = [p for p in docs if p["kind"] == "NetworkPolicy"
             and p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "coinflow-fulfillment"]
     need(pols, "a NetworkPolicy must guard fulfillment")
@@ -160,6 +177,11 @@ def self_test(overlay, docs):
         "no readiness": lambda d: edge(d).pop("readinessProbe"),
         "body size drift": lambda d: find(d, "Ingress", "coinflow-edge")["metadata"]["annotations"].update(
             {"nginx.ingress.kubernetes.io/proxy-body-size": "10m"}),
+        "overlapping recovery": lambda d: find(d, "CronJob", "coinflow-recover")["spec"].update({"concurrencyPolicy": "Allow"}),
+        "short recovery window": lambda d: pod_spec(find(d, "CronJob", "coinflow-recover"))["containers"][0].update(
+            {"args": ["--window", "12h"]}),
+        "inline API key": lambda d: pod_spec(find(d, "CronJob", "coinflow-recover"))["containers"][0]["env"].append(
+            {"name": "COINFLOW_API_KEY", "value": "k"}),
     }
     failed = [name for name, fn in mutations.items() if not mutate(fn)]
     if check(overlay, docs):

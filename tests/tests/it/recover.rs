@@ -20,6 +20,7 @@ use serde_json::Value;
 use sqlx::Row;
 
 use crate::faults::expected;
+use crate::observability::sample;
 
 const API_KEY: &str = "cf_merchant_api_key_recover_5511";
 const RECOVERY_TOKEN: &str = "test-recovery-token";
@@ -357,5 +358,82 @@ async fn a_wrong_api_key_fails_fast_naming_its_variable_not_its_value() {
         run.stderr
     );
     assert_eq!(cf.seen().refused, 1, "no retry after 401");
+    assert!(f.terminate().await.success());
+}
+
+#[tokio::test]
+async fn every_keeps_running_and_serves_its_metrics() {
+    let db = TestDb::new().await;
+    let mut f = fulfillment(&db).await;
+    let addr = free_addr();
+    let cf = coinflow(addr, 6, |c| c.unsubscribed = vec!["Settled".into()]).await;
+    // Nothing listens: every delivery Coinflow made failed.
+    cf.deliver().await;
+    let events = cf.subscribed_bodies().len();
+    let settled = cf
+        .payments()
+        .iter()
+        .filter(|p| p.status == "Settled")
+        .count();
+    let (server, api) = (format!("http://{}", f.addr), cf.api_url());
+    let mut recovering = Proc::start(
+        "fulfillment-svc",
+        &[
+            "recover",
+            "--every",
+            "1s",
+            "--direct",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("FULFILLMENT_SERVER", server.as_str()),
+            ("FULFILLMENT_TOKEN", RECOVERY_TOKEN),
+            ("COINFLOW_API_URL", api.as_str()),
+            ("COINFLOW_API_KEY", API_KEY),
+        ],
+        "admin",
+    )
+    .await;
+    // Two runs: the first records what was missing, the second finds it all recorded; both
+    // leave the unsubscribed Settled payments as discrepancies.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = crate::observability::scrape(recovering.admin).await;
+        if sample(
+            &text,
+            "coinflow_recovery_runs_total",
+            &[("result", "discrepancies")],
+        ) >= 2.0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        sample(
+            &text,
+            "coinflow_recovery_runs_total",
+            &[("result", "discrepancies")]
+        ) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "coinflow_recovery_recovered_total", &[]),
+        events as f64,
+        "recorded once, by the first run"
+    );
+    assert_eq!(
+        sample(&text, "coinflow_recovery_discrepancies", &[]),
+        settled as f64
+    );
+    assert!(
+        sample(&text, "coinflow_recovery_deliveries_checked_total", &[]) >= 2.0 * events as f64
+    );
+    assert!(
+        recovering.terminate().await.success(),
+        "SIGTERM ends the loop cleanly"
+    );
+    assert_ledger_complete(&db, &cf.subscribed_bodies()).await;
     assert!(f.terminate().await.success());
 }
