@@ -137,6 +137,16 @@ impl Recovery {
         sweep::sweep(self, window, &mut report, out).await?;
         reconcile::reconcile(self, window, &mut report, out).await?;
         out.summary(&report)?;
+        tracing::info!(
+            deliveries = report.deliveries,
+            events = report.events,
+            already_recorded = report.already_recorded,
+            resent = report.resent,
+            recorded_directly = report.recorded_directly,
+            payments = report.payments,
+            discrepancies = report.discrepancies.len(),
+            "recovery run finished"
+        );
         Ok(report)
     }
 }

@@ -382,3 +382,29 @@ async fn watch_streams_are_capped_per_replica_and_a_closed_one_frees_its_slot() 
     assert!(reopened.is_some(), "the closed stream's slot came back");
     f.stop().await;
 }
+
+#[tokio::test]
+async fn the_request_timeout_bounds_calls_but_not_a_watch_stream() {
+    let db = TestDb::new().await;
+    let f = FulfillmentHandle::start_with(&db, |c| c.request_timeout_secs = 1).await;
+    let mut q = coinflow_tests::Query::connect(f.addr).await;
+    let mut client = ingest_client(f.addr).await;
+    let mut stream =
+        q.0.watch_entitlements(WatchEntitlementsRequest {
+            payer: wallet(&wallet_of("t-watch")),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Past the timeout, the stream is still open and still delivers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ingest(&mut client, &settled("t-watch", "sword", 500)).await;
+    let entry = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream delivers")
+        .expect("the stream is open")
+        .expect("no error");
+    assert_eq!(entry.kind, "grant");
+    f.stop().await;
+}

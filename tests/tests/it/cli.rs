@@ -118,11 +118,14 @@ async fn help_never_prints_a_secret_from_the_environment() {
         ("FULFILLMENT_TOKEN", "cli-secret"),
         ("COINFLOW_WEBHOOK_KEYS", "webhook-key-secret"),
         ("EDGE_INGEST_TOKEN", "edge-ingest-secret"),
+        ("FULFILLMENT_RECOVERY_TOKENS", "recovery-secret"),
+        ("COINFLOW_API_KEY", "merchant-api-secret"),
     ];
     for (bin_name, args) in [
         ("fulfillment-svc", &["--help"][..]),
         ("fulfillment-svc", &["migrate", "--help"][..]),
         ("fulfillment-svc", &["held", "approve", "--help"][..]),
+        ("fulfillment-svc", &["recover", "--help"][..]),
         ("webhook-edge", &["--help"][..]),
     ] {
         let out = tokio::process::Command::new(bin(bin_name))
@@ -149,6 +152,8 @@ async fn help_never_prints_a_secret_from_the_environment() {
             "cli-secret",
             "webhook-key-secret",
             "edge-ingest-secret",
+            "recovery-secret",
+            "merchant-api-secret",
         ] {
             assert!(
                 !text.contains(secret),

@@ -59,7 +59,11 @@ async fn dashboard_and_alerts_query_metrics_that_exist() {
     assert!(wanted.len() >= 8, "{wanted:?}");
 
     let db = TestDb::new().await;
-    let mut fulfillment = Proc::fulfillment(&db).await;
+    let mut fulfillment = Proc::fulfillment_env(
+        &db,
+        &[("FULFILLMENT_RECOVERY_TOKENS", "test-recovery-token")],
+    )
+    .await;
     let mut edge = Proc::edge(fulfillment.addr, KEY, &[]).await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     let http = Http::default();
@@ -73,6 +77,32 @@ async fn dashboard_and_alerts_query_metrics_that_exist() {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     exposed(edge.admin, &mut names).await;
     exposed(fulfillment.admin, &mut names).await;
+    // `recover --every`'s own metrics, after one run against the stand-in.
+    let coinflow =
+        coinflow_sender::standin::Coinflow::start(coinflow_sender::standin::StandinConfig::local(
+            url.clone(),
+            KEY.into(),
+            "test-merchant-api-key".into(),
+            1,
+        ))
+        .await
+        .unwrap();
+    let (server, api) = (format!("http://{}", fulfillment.addr), coinflow.api_url());
+    let mut recovering = Proc::start(
+        "fulfillment-svc",
+        &["recover", "--every", "1h", "--admin-listen", "127.0.0.1:0"],
+        &[
+            ("FULFILLMENT_SERVER", server.as_str()),
+            ("FULFILLMENT_TOKEN", "test-recovery-token"),
+            ("COINFLOW_API_URL", api.as_str()),
+            ("COINFLOW_API_KEY", "test-merchant-api-key"),
+        ],
+        "admin",
+    )
+    .await;
+    recovering.wait_for_log("recovery run finished").await;
+    exposed(recovering.admin, &mut names).await;
+    assert!(recovering.terminate().await.success());
     let missing: Vec<_> = wanted.difference(&names).collect();
     assert!(
         missing.is_empty(),
