@@ -39,7 +39,7 @@ async fn pool(db: &TestDb) -> sqlx::AnyPool {
 }
 
 /// What each payment must end with, derived independently from the bodies sent.
-pub(crate) fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
+fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
     let catalog = Catalog::load(&coinflow_tests::catalog_path()).unwrap();
     let mut by_payment: HashMap<String, Vec<coinflow_shared::proto::v1::WebhookEvent>> =
         HashMap::new();
@@ -101,18 +101,24 @@ async fn verify(db: &TestDb, bodies: &[Bytes], logged: &[Logged]) {
             l.event_key, l.payment_id
         );
     }
+    assert_payments_as_expected(&pool, bodies).await;
+}
+
+/// Nothing is granted twice, and every payment holds exactly what its events in `bodies`
+/// call for ([`expected`]).
+pub(crate) async fn assert_payments_as_expected(pool: &sqlx::AnyPool, bodies: &[Bytes]) {
     let twice: i64 = sqlx::query_scalar(
         "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT payment_id, sku FROM ledger WHERE kind = 'grant'
          GROUP BY payment_id, sku HAVING COUNT(*) > 1) t",
     )
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await
     .unwrap();
     assert_eq!(twice, 0, "nothing granted twice");
     for (payment, want) in expected(bodies) {
         let rows = sqlx::query("SELECT sku, CAST(SUM(quantity) AS BIGINT) FROM ledger WHERE payment_id = $1 GROUP BY sku")
             .bind(&payment)
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await
             .unwrap();
         let got: BTreeMap<String, i64> = rows

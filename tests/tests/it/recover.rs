@@ -4,7 +4,6 @@
 //! payment never delivered is a discrepancy that fails the run; a second run changes
 //! nothing; the API failing part of the time, a wrong API key, and more than three pages.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -17,9 +16,8 @@ use coinflow_tests::process::{Proc, bin};
 use coinflow_tests::{KEY, Query, TestDb, free_addr};
 use secrecy::SecretString;
 use serde_json::Value;
-use sqlx::Row;
 
-use crate::faults::expected;
+use crate::faults::assert_payments_as_expected;
 use crate::observability::sample;
 
 const API_KEY: &str = "cf_merchant_api_key_recover_5511";
@@ -132,29 +130,7 @@ async fn assert_ledger_complete(db: &TestDb, bodies: &[Bytes]) {
                 .unwrap();
         assert_eq!(n, 1, "{key} recorded exactly once");
     }
-    for (payment, want) in expected(bodies) {
-        let rows = sqlx::query(
-            "SELECT sku, CAST(SUM(quantity) AS BIGINT) FROM ledger WHERE payment_id = $1 GROUP BY sku",
-        )
-        .bind(&payment)
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        let got: BTreeMap<String, i64> = rows
-            .iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
-            .filter(|(_, q)| *q != 0)
-            .collect();
-        assert_eq!(got, want, "payment {payment}");
-    }
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT payment_id, sku FROM ledger WHERE kind = 'grant'
-         GROUP BY payment_id, sku HAVING COUNT(*) > 1) t",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(twice, 0, "nothing granted twice");
+    assert_payments_as_expected(&pool, bodies).await;
 }
 
 async fn rows(db: &TestDb) -> (i64, i64) {
