@@ -62,6 +62,16 @@ impl TestDb {
         }
     }
 
+    /// A SQLite ledger at `dir/ledger.db` (a directory the caller owns, e.g. a mount).
+    pub fn sqlite_in(dir: &std::path::Path) -> Self {
+        Self {
+            url: format!("sqlite://{}", dir.join("ledger.db").display()),
+            backend: Backend::Sqlite,
+            _dir: None,
+            pg_name: None,
+        }
+    }
+
     /// A new, empty PostgreSQL database with a random name.
     pub async fn postgres() -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
