@@ -12,6 +12,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{Mounted, mount_or_skip};
 use rusqlite::Connection;
@@ -105,14 +106,20 @@ fn write_then_kill(db: &Path, mode: &str, commits: u32) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let acked = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        // libtest prints "test sqlite_writer_child ... " on the same line first.
-        .find_map(|line| {
-            let at = line.find(ACKED)?;
-            Some(line[at + ACKED.len()..].trim().parse::<u32>().unwrap())
-        });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let acked = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // libtest prints "test sqlite_writer_child ... " on the same line first.
+            .find_map(|line| {
+                let at = line.find(ACKED)?;
+                line[at + ACKED.len()..].trim().parse::<u32>().ok()
+            });
+        let _ = tx.send(acked);
+    });
+    // A child that hangs is killed all the same, and the test fails instead of hanging.
+    let acked = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(
