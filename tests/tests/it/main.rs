@@ -17,6 +17,7 @@ mod grants;
 mod grpc_surface;
 mod lifecycle;
 mod observability;
+mod power_loss;
 mod recorded_or_retried;
 mod recover;
 mod review;
