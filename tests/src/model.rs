@@ -35,8 +35,19 @@ pub type Grants = BTreeMap<String, i64>;
 pub struct ModelCatalog {
     /// `item_key`.
     pub item_key: String,
-    /// Entry name → (price cents, price currency, grants as (sku, quantity)).
-    pub items: BTreeMap<String, (i64, String, Vec<(String, i64)>)>,
+    /// The entries by name.
+    pub items: BTreeMap<String, ModelItem>,
+}
+
+/// One catalog entry.
+#[derive(Debug, Clone)]
+pub struct ModelItem {
+    /// `price.cents`.
+    pub cents: i64,
+    /// `price.currency`.
+    pub currency: String,
+    /// `grants`, as (sku, quantity).
+    pub grants: Vec<(String, i64)>,
 }
 
 impl ModelCatalog {
@@ -70,11 +81,11 @@ impl ModelCatalog {
                 .collect();
             items.insert(
                 name.clone(),
-                (
-                    price["cents"].as_integer().unwrap(),
-                    price["currency"].as_str().unwrap().to_owned(),
+                ModelItem {
+                    cents: price["cents"].as_integer().unwrap(),
+                    currency: price["currency"].as_str().unwrap().to_owned(),
                     grants,
-                ),
+                },
             );
         }
         Self { item_key, items }
@@ -92,18 +103,18 @@ fn text<'a>(data: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a s
 fn covered<'c>(env: &Envelope, catalog: &'c ModelCatalog) -> Option<&'c [(String, i64)]> {
     let data = &env.data.0;
     let item = data.get("webhookInfo")?.get(&catalog.item_key)?.as_str()?;
-    let (cents, currency, grants) = catalog.items.get(item)?;
+    let entry = catalog.items.get(item)?;
     text(data, "wallet").or_else(|| text(data, "rawCustomerId"))?;
     let subtotal = data.get("subtotal")?.as_object()?;
-    if subtotal.get("cents")?.as_i64()? < *cents {
+    if subtotal.get("cents")?.as_i64()? < entry.cents {
         return None;
     }
     match subtotal.get("currency") {
         None => {}
-        Some(Value::String(sent)) if sent.eq_ignore_ascii_case(currency) => {}
+        Some(Value::String(sent)) if sent.eq_ignore_ascii_case(&entry.currency) => {}
         Some(_) => return None,
     }
-    Some(grants)
+    Some(&entry.grants)
 }
 
 /// What one payment's ledger must net to, per sku, given every body delivered for it (any
@@ -281,7 +292,12 @@ mod tests {
             ),
             b"{\"eventType\":\"Settled\"".to_vec(),
         ] {
-            assert_eq!(grants(&[s.clone()]), [], "{}", String::from_utf8_lossy(&s));
+            assert_eq!(
+                grants(std::slice::from_ref(&s)),
+                [],
+                "{}",
+                String::from_utf8_lossy(&s)
+            );
         }
         // A held Settled and a covering one: the covering one grants.
         let underpaid = settled("sword", json!({"cents": 1, "currency": "USD"}));
@@ -400,7 +416,7 @@ mod tests {
     fn reads_the_example_catalog() {
         let c = ModelCatalog::example();
         assert_eq!(c.item_key, "item");
-        assert_eq!(c.items["sword"].0, 500);
-        assert_eq!(c.items["starter-bundle"].2.len(), 3);
+        assert_eq!(c.items["sword"].cents, 500);
+        assert_eq!(c.items["starter-bundle"].grants.len(), 3);
     }
 }
