@@ -17,11 +17,26 @@ pub enum Backend {
     Postgres,
 }
 
-/// The backend this run uses, from `COINFLOW_TEST_BACKEND`.
+/// The backend this run uses, from `COINFLOW_TEST_BACKEND`: `sqlite` (the default, also
+/// when unset or empty) or `postgres`. Any other value panics: a misspelt backend must not
+/// quietly run the suite on SQLite.
 pub fn backend() -> Backend {
-    match std::env::var("COINFLOW_TEST_BACKEND").as_deref() {
-        Ok("postgres") => Backend::Postgres,
-        _ => Backend::Sqlite,
+    let value = std::env::var_os("COINFLOW_TEST_BACKEND");
+    let value = value.as_deref().map(|v| {
+        v.to_str()
+            .unwrap_or_else(|| panic!("COINFLOW_TEST_BACKEND is not UTF-8: {v:?}"))
+    });
+    parse_backend(value).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `COINFLOW_TEST_BACKEND`'s value as a backend, or why it is none.
+pub fn parse_backend(value: Option<&str>) -> Result<Backend, String> {
+    match value {
+        None | Some("" | "sqlite") => Ok(Backend::Sqlite),
+        Some("postgres") => Ok(Backend::Postgres),
+        Some(other) => Err(format!(
+            "COINFLOW_TEST_BACKEND={other:?} is not a backend: use \"sqlite\" (the default) or \"postgres\""
+        )),
     }
 }
 
@@ -145,5 +160,25 @@ impl Drop for TestDb {
             });
         })
         .join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_two_backends_are_accepted() {
+        assert_eq!(parse_backend(None), Ok(Backend::Sqlite));
+        assert_eq!(parse_backend(Some("")), Ok(Backend::Sqlite));
+        assert_eq!(parse_backend(Some("sqlite")), Ok(Backend::Sqlite));
+        assert_eq!(parse_backend(Some("postgres")), Ok(Backend::Postgres));
+        for typo in ["postgresql", "Postgres", "pg", "sqlite3", " postgres"] {
+            let e = parse_backend(Some(typo)).unwrap_err();
+            assert!(
+                e.contains("\"sqlite\"") && e.contains("\"postgres\""),
+                "{e}"
+            );
+        }
     }
 }

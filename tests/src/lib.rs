@@ -6,6 +6,7 @@
 pub mod bodies;
 pub mod db;
 pub mod http;
+pub mod model;
 pub mod otlp;
 pub mod process;
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use coinflow_shared::proto::v1::fulfillment_client::FulfillmentClient;
 use coinflow_shared::proto::v1::payer::Id as PayerId;
 use coinflow_shared::proto::v1::{
-    ConsumeRequest, GetEntitlementsRequest, ListLedgerRequest, Payer, WatchEntitlementsRequest,
+    ConsumeRequest, GetEntitlementsRequest, LedgerEntry, ListLedgerRequest, Outcome, Payer,
+    WatchEntitlementsRequest,
 };
 use coinflow_tests::TestDb;
 use coinflow_tests::bodies::{event, settled, wallet_of};
@@ -63,7 +64,7 @@ async fn list_ledger_pages_newest_first_with_a_stable_cursor() {
         "newest first: {seen:?}"
     );
 
-    // Filters: payer, payment, sku, time.
+    // The payer filter (the others: below).
     let by_payer =
         q.0.list_ledger(ListLedgerRequest {
             payer: wallet(&wallet_of("l-03")),
@@ -74,38 +75,6 @@ async fn list_ledger_pages_newest_first_with_a_stable_cursor() {
         .into_inner();
     assert_eq!(by_payer.entries.len(), 1);
     assert_eq!(by_payer.entries[0].payment_id, "l-03");
-    let by_sku =
-        q.0.list_ledger(ListLedgerRequest {
-            sku: Some("shield".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(by_sku.entries.is_empty());
-    let future = prost_types::Timestamp {
-        seconds: 4_000_000_000,
-        nanos: 0,
-    };
-    let since_future =
-        q.0.list_ledger(ListLedgerRequest {
-            since: Some(future),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(since_future.entries.is_empty());
-    let until_future =
-        q.0.list_ledger(ListLedgerRequest {
-            until: Some(future),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(until_future.entries.len(), 30);
     let bad =
         q.0.list_ledger(ListLedgerRequest {
             page_token: "garbage".into(),
@@ -115,6 +84,199 @@ async fn list_ledger_pages_newest_first_with_a_stable_cursor() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("page_token"));
+}
+
+/// (payment, kind, sku, quantity) of `entries`, sorted.
+fn described(entries: &[LedgerEntry]) -> Vec<(String, String, String, i64)> {
+    let mut d: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.payment_id.clone(),
+                e.kind.clone(),
+                e.sku.clone(),
+                e.quantity,
+            )
+        })
+        .collect();
+    d.sort();
+    d
+}
+
+fn entry(payment: &str, kind: &str, sku: &str, quantity: i64) -> (String, String, String, i64) {
+    (payment.into(), kind.into(), sku.into(), quantity)
+}
+
+/// Each filter of `ListLedger` over mixed data (several skus, bundles, a revocation, two
+/// periods) returns exactly the entries it names: a non-empty strict subset, nothing it
+/// excludes.
+#[tokio::test]
+async fn list_ledger_filters_include_what_they_name_and_exclude_the_rest() {
+    let stack = Stack::start().await;
+    let mut client = ingest_client(stack.fulfillment.addr).await;
+    let q = stack.query().await;
+    let list = |request: ListLedgerRequest| {
+        let mut client = q.0.clone();
+        async move {
+            let page = client
+                .list_ledger(ListLedgerRequest {
+                    page_size: 1000,
+                    ..request
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.next_page_token.is_empty(), "one page holds it all");
+            page.entries
+        }
+    };
+    // Before the boundary: a sword, a bundle (sword, shield, credits), a shield.
+    for (payment, item, cents) in [
+        ("f-a-sword", "sword", 500),
+        ("f-a-bundle", "starter-bundle", 1500),
+        ("f-a-shield", "shield", 700),
+    ] {
+        let ack = ingest(&mut client, &settled(payment, item, cents)).await;
+        assert_eq!(ack.outcome, Outcome::Granted as i32, "{payment}");
+    }
+    // Time apart, so the boundary falls strictly between the two periods.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let boundary = prost_types::Timestamp::from(std::time::SystemTime::now());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // After it: a sword, a shield, credits, and the refund of the earlier shield.
+    for (payment, item, cents) in [
+        ("f-b-sword", "sword", 500),
+        ("f-b-shield", "shield", 700),
+        ("f-b-credits", "credits-1000", 1000),
+    ] {
+        let ack = ingest(&mut client, &settled(payment, item, cents)).await;
+        assert_eq!(ack.outcome, Outcome::Granted as i32, "{payment}");
+    }
+    let refund = event(
+        "Refund",
+        "f-a-shield",
+        "shield",
+        700,
+        "2026-11-22T09:00:00Z",
+    );
+    assert_eq!(
+        ingest(&mut client, &refund).await.outcome,
+        Outcome::Revoked as i32
+    );
+
+    let all = list(ListLedgerRequest::default()).await;
+    let before = vec![
+        entry("f-a-bundle", "grant", "credits", 500),
+        entry("f-a-bundle", "grant", "shield", 1),
+        entry("f-a-bundle", "grant", "sword", 1),
+        entry("f-a-shield", "grant", "shield", 1),
+        entry("f-a-sword", "grant", "sword", 1),
+    ];
+    let after = vec![
+        entry("f-a-shield", "revoke", "shield", -1),
+        entry("f-b-credits", "grant", "credits", 1000),
+        entry("f-b-shield", "grant", "shield", 1),
+        entry("f-b-sword", "grant", "sword", 1),
+    ];
+    let mut everything = [before.clone(), after.clone()].concat();
+    everything.sort();
+    assert_eq!(described(&all), everything);
+
+    // sku: every shield entry (the bundle's and the revocation included), nothing else.
+    let shields = list(ListLedgerRequest {
+        sku: Some("shield".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        described(&shields),
+        [
+            entry("f-a-bundle", "grant", "shield", 1),
+            entry("f-a-shield", "grant", "shield", 1),
+            entry("f-a-shield", "revoke", "shield", -1),
+            entry("f-b-shield", "grant", "shield", 1),
+        ]
+    );
+    // since: at or after the boundary; until: before it.
+    let since = list(ListLedgerRequest {
+        since: Some(boundary),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(described(&since), after, "since");
+    let until = list(ListLedgerRequest {
+        until: Some(boundary),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(described(&until), before, "until");
+    // Filters combine.
+    let late_shields = list(ListLedgerRequest {
+        sku: Some("shield".into()),
+        since: Some(boundary),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        described(&late_shields),
+        [
+            entry("f-a-shield", "revoke", "shield", -1),
+            entry("f-b-shield", "grant", "shield", 1),
+        ]
+    );
+    let one_payment = list(ListLedgerRequest {
+        payment_id: Some("f-a-shield".into()),
+        until: Some(boundary),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        described(&one_payment),
+        [entry("f-a-shield", "grant", "shield", 1)]
+    );
+    // At an entry's own `recorded_at`: `since` includes it, `until` excludes it.
+    let mut by_time: Vec<&LedgerEntry> = all.iter().collect();
+    by_time.sort_by_key(|e| e.seq);
+    let pivot = by_time
+        .iter()
+        .position(|e| e.payment_id == "f-b-shield")
+        .unwrap();
+    let at = by_time[pivot].recorded_at.unwrap();
+    let micros = |t: &prost_types::Timestamp| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000;
+    let at_or_after: Vec<i64> = by_time
+        .iter()
+        .filter(|e| micros(e.recorded_at.as_ref().unwrap()) >= micros(&at))
+        .map(|e| e.seq)
+        .collect();
+    assert!(at_or_after.contains(&by_time[pivot].seq));
+    assert!(at_or_after.len() < all.len());
+    let seqs = |entries: Vec<LedgerEntry>| {
+        let mut s: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+        s.sort();
+        s
+    };
+    let since_at = list(ListLedgerRequest {
+        since: Some(at),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(seqs(since_at), at_or_after, "since is inclusive");
+    let until_at = seqs(
+        list(ListLedgerRequest {
+            until: Some(at),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert!(
+        !until_at.contains(&by_time[pivot].seq),
+        "until is exclusive"
+    );
+    assert_eq!(
+        until_at.len() + at_or_after.len(),
+        all.len(),
+        "until and since at one instant split the ledger"
+    );
 }
 
 async fn next_n(

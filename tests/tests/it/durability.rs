@@ -1,5 +1,7 @@
 //! A 200 means durable: outages, restarts and `kill -9` lose nothing that was acked.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use coinflow_shared::proto::v1::Outcome;
@@ -8,6 +10,7 @@ use coinflow_tests::bodies::{fixture, settled, sign, wallet_of};
 use coinflow_tests::http::Http;
 use coinflow_tests::process::Proc;
 use coinflow_tests::{EdgeHandle, FulfillmentHandle, KEY, Query, edge_config, free_addr};
+use futures::StreamExt;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -71,78 +74,126 @@ async fn kill_9_right_after_an_ack_keeps_the_event() {
 
 #[tokio::test]
 async fn kill_9_under_load_every_acked_event_survives() {
+    const PAYMENTS: usize = 1000;
+    const CONCURRENCY: usize = 300;
     let db = TestDb::new().await;
     let mut fulfillment = Proc::fulfillment(&db).await;
     let mut config = edge_config(fulfillment.addr);
     config.deliver_deadline_ms = 1000;
+    // Nothing is shed: every delivery the edge accepts waits on fulfillment's ack, so the
+    // requests in flight at the kill are in flight at fulfillment.
+    config.max_concurrency = 4 * CONCURRENCY;
     let edge = EdgeHandle::start(config).await;
 
     let url = edge.url();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
     let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
-    let senders: Vec<_> = (0..300)
-        .map(|i| {
-            let (url, acked_tx) = (url.clone(), acked_tx.clone());
-            tokio::spawn(async move {
-                let id = format!("p-load-{i}");
-                let status = Http::default()
-                    .deliver(&url, settled(&id, "sword", 500))
-                    .await
-                    .status;
-                if status == StatusCode::OK {
-                    let _ = acked_tx.send(());
+    // A closed loop of 300 concurrent deliveries over 1,000 payments, so deliveries are
+    // still in flight when the kill lands; none is started after it.
+    let load = tokio::spawn({
+        let (in_flight, killed) = (Arc::clone(&in_flight), Arc::clone(&killed));
+        futures::stream::iter(0..PAYMENTS)
+            .map(move |i| {
+                let (url, acked_tx) = (url.clone(), acked_tx.clone());
+                let (in_flight, killed) = (Arc::clone(&in_flight), Arc::clone(&killed));
+                async move {
+                    let id = format!("p-load-{i}");
+                    if killed.load(Ordering::SeqCst) {
+                        return (id, None);
+                    }
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let status = Http::default()
+                        .deliver(&url, settled(&id, "sword", 500))
+                        .await
+                        .status;
+                    let before_kill = !killed.load(Ordering::SeqCst);
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    if status == StatusCode::OK {
+                        let _ = acked_tx.send(());
+                    }
+                    (id, Some((status, before_kill)))
                 }
-                (id, status)
             })
-        })
-        .collect();
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<_>>()
+    });
     // Kill while deliveries are in flight: after the first 20 acks.
     for _ in 0..20 {
         acked_rx.recv().await.unwrap();
     }
+    killed.store(true, Ordering::SeqCst);
+    let in_flight_at_kill = in_flight.load(Ordering::SeqCst);
     fulfillment.kill9().await;
-    let results: Vec<_> = futures::future::join_all(senders)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let results = load.await.unwrap();
+    assert!(
+        in_flight_at_kill > 0,
+        "the kill landed while deliveries were in flight"
+    );
 
     let restarted = Proc::fulfillment(&db).await;
     let mut q = Query::connect(restarted.addr).await;
-    let mut acked = 0;
-    for (id, status) in &results {
+    let (mut acked_before_kill, mut cut_by_kill) = (0, 0);
+    for (id, answer) in &results {
+        let Some((status, before_kill)) = *answer else {
+            continue;
+        };
         assert!(
-            matches!(*status, StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE),
+            matches!(status, StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE),
             "{id}: {status}"
         );
-        if *status == StatusCode::OK {
-            acked += 1;
+        if status == StatusCode::OK {
+            acked_before_kill += usize::from(before_kill);
             let p = q
                 .payment(id)
                 .await
                 .unwrap_or_else(|e| panic!("{id} was acked but is missing: {e}"));
             assert_eq!(p.ledger.len(), 1, "{id}");
+        } else if !before_kill {
+            cut_by_kill += 1;
         }
     }
-    assert!(acked >= 20, "20 deliveries were acked before the kill");
     assert!(
-        acked < results.len(),
-        "the kill landed while deliveries were in flight"
+        acked_before_kill >= 20,
+        "20 deliveries were acked before the kill"
     );
-    // Whatever was not acked, Coinflow redelivers; each grants exactly once.
+    assert!(
+        cut_by_kill > 0,
+        "deliveries in flight at the kill ({in_flight_at_kill}) were answered 503"
+    );
+    // Whatever was sent, Coinflow redelivers until acked (or again, as a duplicate); each
+    // grants exactly once.
     let mut config = edge_config(restarted.addr);
     config.deliver_deadline_ms = 1000;
     let edge = EdgeHandle::start(config).await;
-    for (id, _) in &results {
-        let a = Http::default()
-            .deliver(&edge.url(), settled(id, "sword", 500))
-            .await;
-        assert_eq!(a.status, StatusCode::OK);
-        assert_eq!(
-            q.wallet(&wallet_of(id)).await,
-            [("sword".to_owned(), 1)],
-            "{id}"
-        );
-    }
+    let sent: Vec<_> = results
+        .iter()
+        .filter_map(|(id, answer)| answer.map(|(status, _)| (id.clone(), status)))
+        .collect();
+    let url = edge.url();
+    let redelivered: Vec<_> = futures::stream::iter(sent)
+        .map(|(id, status)| {
+            let (url, mut q) = (url.clone(), Query(q.0.clone()));
+            async move {
+                let a = Http::default()
+                    .deliver(&url, settled(&id, "sword", 500))
+                    .await;
+                assert_eq!(a.status, StatusCode::OK, "{id}");
+                assert_eq!(
+                    q.wallet(&wallet_of(&id)).await,
+                    [("sword".to_owned(), 1)],
+                    "{id}"
+                );
+                status != StatusCode::OK
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(
+        redelivered.iter().any(|&first_time| first_time),
+        "some deliveries were acked only after the restart"
+    );
 }
 
 #[tokio::test]

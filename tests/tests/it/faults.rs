@@ -2,21 +2,17 @@
 //! stalls. Whatever happens, every event acked with 200 is in the ledger exactly once and
 //! every payment ends with exactly what its events call for.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use coinflow_sender::deliver::{Logged, Sender, Target};
 use coinflow_sender::generate::{Traffic, generate};
-use coinflow_shared::convert::to_proto;
-use coinflow_shared::envelope::Envelope;
 use coinflow_tests::db::Backend;
 use coinflow_tests::http::Http;
+use coinflow_tests::model::{self, ModelCatalog};
 use coinflow_tests::process::Proc;
 use coinflow_tests::{KEY, TestDb};
-use fulfillment_svc::catalog::Catalog;
-use fulfillment_svc::decision::{Decision, decide};
-use fulfillment_svc::lifecycle::{ChargebackPolicy, Facts};
 use http::StatusCode;
 use sqlx::Row;
 
@@ -38,52 +34,16 @@ async fn pool(db: &TestDb) -> sqlx::AnyPool {
     sqlx::AnyPool::connect(&db.url).await.unwrap()
 }
 
-/// What each payment must end with, derived independently from the bodies sent.
+/// What each payment must end with, from the bodies sent and the catalog file, by the
+/// harness's own model of the money rules ([`coinflow_tests::model`]), not the service's.
 fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
-    let catalog = Catalog::load(&coinflow_tests::catalog_path()).unwrap();
-    let mut by_payment: HashMap<String, Vec<coinflow_shared::proto::v1::WebhookEvent>> =
-        HashMap::new();
-    for body in bodies {
-        let ev = to_proto(
-            Envelope::parse(body).unwrap(),
-            body.clone(),
-            std::time::SystemTime::now(),
-        );
-        by_payment
-            .entry(ev.payment_id.clone().unwrap())
-            .or_default()
-            .push(ev);
-    }
-    by_payment
-        .into_iter()
-        .map(|(payment, events)| {
-            let facts = Facts::of(events.iter().map(|e| {
-                (
-                    e.event_type.as_str(),
-                    e.refund_status.as_deref(),
-                    e.chargeback_id.as_deref(),
-                )
-            }));
-            let plan = events.iter().find_map(|e| match decide(e, &catalog) {
-                Decision::Grant(plan) => Some(plan),
-                _ => None,
-            });
-            let mut want = BTreeMap::new();
-            if let Some(plan) = plan
-                && facts.entitled(ChargebackPolicy::RevokeOnOpen)
-            {
-                for g in plan.grants {
-                    want.insert(g.sku, g.quantity);
-                }
-            }
-            (payment, want)
-        })
-        .collect()
+    model::expected_by_payment(bodies, &ModelCatalog::example())
 }
 
 /// Every acked delivery is recorded once; every payment holds exactly what it should.
 async fn verify(db: &TestDb, bodies: &[Bytes], logged: &[Logged]) {
     let pool = pool(db).await;
+    assert!(!logged.is_empty(), "a delivery log to check");
     assert!(
         logged.iter().all(|l| l.result == "acked"),
         "the sender drained its retries with every delivery acked"
@@ -249,20 +209,22 @@ async fn a_storage_stall_answers_503_never_200_and_recovers_without_a_restart() 
     .await;
     let url = format!("http://{}/webhooks/coinflow", edge.addr);
     let http = Http::default();
-    assert_eq!(
-        http.deliver(
-            &url,
-            coinflow_tests::bodies::settled("stall-0", "sword", 500)
-        )
-        .await
-        .status,
-        StatusCode::OK
-    );
+    let sender = sender(&url);
+    let bodies: Vec<Bytes> = (0..=3)
+        .map(|i| {
+            Bytes::from(coinflow_tests::bodies::settled(
+                &format!("stall-{i}"),
+                "sword",
+                500,
+            ))
+        })
+        .collect();
+    let mut logged = vec![sender.deliver(bodies[0].clone()).await];
+    assert_eq!(logged[0].attempts, 1, "acked at once before the stall");
 
     let stall = Stall::begin(&db).await;
-    for i in 1..=3 {
-        let body = coinflow_tests::bodies::settled(&format!("stall-{i}"), "sword", 500);
-        let a = http.deliver(&url, body).await;
+    for body in &bodies[1..] {
+        let a = http.deliver(&url, body.to_vec()).await;
         assert_eq!(
             a.status,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -273,28 +235,10 @@ async fn a_storage_stall_answers_503_never_200_and_recovers_without_a_restart() 
     stall.release().await;
 
     // Coinflow retries; once storage is back every one is acked, with no restart.
-    for i in 1..=3 {
-        let body = coinflow_tests::bodies::settled(&format!("stall-{i}"), "sword", 500);
-        let mut status = StatusCode::SERVICE_UNAVAILABLE;
-        for _ in 0..40 {
-            status = http.deliver(&url, body.clone()).await.status;
-            if status == StatusCode::OK {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(status, StatusCode::OK);
+    for body in &bodies[1..] {
+        logged.push(sender.deliver(body.clone()).await);
     }
-    let logged: Vec<Logged> = Vec::new();
-    let bodies: Vec<Bytes> = (0..=3)
-        .map(|i| {
-            Bytes::from(coinflow_tests::bodies::settled(
-                &format!("stall-{i}"),
-                "sword",
-                500,
-            ))
-        })
-        .collect();
+    assert_eq!(logged.len(), bodies.len());
     verify(&db, &bodies, &logged).await;
 }
 

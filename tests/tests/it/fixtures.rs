@@ -1,6 +1,10 @@
 //! Every body in `fixtures/` and `fixtures/variants/` through the real edge, with the
 //! outcome it must have.
 
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use coinflow_shared::convert::from_body;
 use coinflow_shared::envelope::Envelope;
 use coinflow_shared::proto::v1::Outcome;
 use coinflow_shared::proto::v1::payer::Id as Payer;
@@ -71,6 +75,19 @@ const EXPECTED: &[(&str, Outcome, Option<&str>)] = &[
     ),
 ];
 
+/// The name the events table stores an outcome under.
+fn stored_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Unspecified => "unspecified",
+        Outcome::Recorded => "recorded",
+        Outcome::Granted => "granted",
+        Outcome::Held => "held",
+        Outcome::AlreadyGranted => "already_granted",
+        Outcome::Revoked => "revoked",
+        Outcome::Restored => "restored",
+    }
+}
+
 #[test]
 fn every_fixture_has_an_expectation() {
     let mut on_disk = Vec::new();
@@ -93,11 +110,20 @@ async fn every_fixture_gets_its_outcome() {
     let stack = Stack::start().await;
     let http = Http::default();
     let mut q = stack.query().await;
+    let mut without_payment = 0;
     for (file, outcome, reason) in EXPECTED {
         let body = std::fs::read(fixtures_dir().join(file)).unwrap();
         let a = http.deliver(&stack.edge.url(), body.clone()).await;
         assert_eq!(a.status, StatusCode::OK, "{file}: {}", a.json);
+        // In storage, by transport identity: every fixture, with or without a payment.
+        let key = from_body(Bytes::from(body.clone()), SystemTime::now()).event_key;
+        assert_eq!(
+            stack.db.event_outcome(&key).await,
+            Some((stored_name(*outcome).to_owned(), reason.map(str::to_owned))),
+            "{file} ({key}) in the events table"
+        );
         let Some(payment_id) = Envelope::parse(&body).unwrap().payment_id() else {
+            without_payment += 1;
             continue;
         };
         let p = q.payment(&payment_id).await.unwrap();
@@ -109,6 +135,10 @@ async fn every_fixture_gets_its_outcome() {
         assert_eq!(recorded.outcome, *outcome as i32, "{file}");
         assert_eq!(recorded.held_reason.as_deref(), *reason, "{file}");
     }
+    assert!(
+        without_payment > 0,
+        "some fixtures name no payment, and were checked in storage only"
+    );
     assert!(
         q.wallet("mygameʬuser-900").await.is_empty(),
         "the bundle was refunded"
