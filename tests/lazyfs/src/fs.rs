@@ -323,13 +323,16 @@ impl Inner {
     }
 }
 
-/// `secs`/`nsecs` since the epoch as a `SystemTime`.
+/// `secs`/`nsecs` since the epoch as a `SystemTime` (the epoch if out of range).
 fn time(secs: i64, nsecs: i64) -> SystemTime {
     let nanos = Duration::from_nanos(u64::try_from(nsecs).unwrap_or(0));
-    match u64::try_from(secs) {
-        Ok(s) => UNIX_EPOCH + Duration::from_secs(s) + nanos,
-        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos,
-    }
+    let whole = Duration::from_secs(secs.unsigned_abs());
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(whole)
+    } else {
+        UNIX_EPOCH.checked_sub(whole)
+    };
+    t.and_then(|t| t.checked_add(nanos)).unwrap_or(UNIX_EPOCH)
 }
 
 fn kind(meta: &fs::Metadata) -> FileType {
