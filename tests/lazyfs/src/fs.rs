@@ -133,6 +133,14 @@ impl Shared {
 }
 
 impl Inner {
+    /// Drops every inode's unsynced data (the session is over: a crash).
+    pub(crate) fn clear(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.pending = None;
+            n.file = None;
+        }
+    }
+
     /// Files holding unsynced data, and how much.
     pub(crate) fn pending_totals(&self) -> PendingTotals {
         let mut t = PendingTotals::default();
@@ -315,13 +323,16 @@ impl Inner {
     }
 }
 
-/// `secs`/`nsecs` since the epoch as a `SystemTime`.
+/// `secs`/`nsecs` since the epoch as a `SystemTime` (the epoch if out of range).
 fn time(secs: i64, nsecs: i64) -> SystemTime {
     let nanos = Duration::from_nanos(u64::try_from(nsecs).unwrap_or(0));
-    match u64::try_from(secs) {
-        Ok(s) => UNIX_EPOCH + Duration::from_secs(s) + nanos,
-        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos,
-    }
+    let whole = Duration::from_secs(secs.unsigned_abs());
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(whole)
+    } else {
+        UNIX_EPOCH.checked_sub(whole)
+    };
+    t.and_then(|t| t.checked_add(nanos)).unwrap_or(UNIX_EPOCH)
 }
 
 fn kind(meta: &fs::Metadata) -> FileType {
@@ -330,13 +341,16 @@ fn kind(meta: &fs::Metadata) -> FileType {
 
 fn file_attr(ino: u64, meta: &fs::Metadata, pending: Option<&Pending>) -> FileAttr {
     let size = pending.map_or(meta.len(), Pending::size);
+    let changed = pending.and_then(Pending::modified);
+    let mtime = changed.unwrap_or_else(|| time(meta.mtime(), meta.mtime_nsec()));
+    let ctime = changed.unwrap_or_else(|| time(meta.ctime(), meta.ctime_nsec()));
     FileAttr {
         ino: INodeNo(ino),
         size,
         blocks: meta.blocks().max(size.div_ceil(512)),
         atime: time(meta.atime(), meta.atime_nsec()),
-        mtime: time(meta.mtime(), meta.mtime_nsec()),
-        ctime: time(meta.ctime(), meta.ctime_nsec()),
+        mtime,
+        ctime,
         crtime: time(meta.ctime(), meta.ctime_nsec()),
         kind: kind(meta),
         perm: (meta.mode() & 0o7777) as u16,
@@ -431,12 +445,21 @@ impl Filesystem for LazyFsImpl {
     ) {
         let mut s = self.lock();
         let r = (|| -> Result<FileAttr, Errno> {
-            let path = s.node(ino)?.path.clone();
+            let n = s.node(ino)?;
+            let path = n.path.clone();
+            // Through the open file where there is one (it may have lost its name).
             if let Some(mode) = mode {
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))?;
+                let perm = fs::Permissions::from_mode(mode & 0o7777);
+                match &n.file {
+                    Some(f) => f.set_permissions(perm)?,
+                    None => fs::set_permissions(&path, perm)?,
+                }
             }
             if uid.is_some() || gid.is_some() {
-                std::os::unix::fs::lchown(&path, uid, gid)?;
+                match &n.file {
+                    Some(f) => std::os::unix::fs::fchown(f, uid, gid)?,
+                    None => std::os::unix::fs::lchown(&path, uid, gid)?,
+                }
             }
             if let Some(size) = size {
                 let (_, p) = s.pending(ino)?;

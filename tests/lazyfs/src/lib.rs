@@ -212,15 +212,21 @@ fn unmount_once(mountpoint: &Path, lazy: bool) -> Result<(), LazyFsError> {
         } else {
             nix::mount::MntFlags::empty()
         };
-        return match nix::mount::umount2(mountpoint, flags) {
+        match nix::mount::umount2(mountpoint, flags) {
             // EINVAL: not a mount point (any more).
-            Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
-            Err(nix::errno::Errno::EBUSY) => Err(LazyFsError::Busy(mountpoint.to_path_buf())),
-            Err(e) => Err(LazyFsError::Unmount {
-                mountpoint: mountpoint.to_path_buf(),
-                reason: e.to_string(),
-            }),
-        };
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) => {
+                return Err(LazyFsError::Busy(mountpoint.to_path_buf()));
+            }
+            // Root without the capability (a user namespace): fusermount3 may still do it.
+            Err(nix::errno::Errno::EPERM) => {}
+            Err(e) => {
+                return Err(LazyFsError::Unmount {
+                    mountpoint: mountpoint.to_path_buf(),
+                    reason: e.to_string(),
+                });
+            }
+        }
     }
     let unmount_failed = |reason: String| LazyFsError::Unmount {
         mountpoint: mountpoint.to_path_buf(),
@@ -381,7 +387,11 @@ impl LazyFs {
             // it ends with changes nothing here.
             let _ = session.umount_and_join();
         }
-        self.dropped = self.shared.lock().pending_totals();
+        {
+            let mut old = self.shared.lock();
+            self.dropped = old.pending_totals();
+            old.clear();
+        }
         self.crashes += 1;
         // The old session's inode table and pending data go with its last reference.
         let (session, shared) = start(&self.backing, &self.mountpoint, &self.counters)?;

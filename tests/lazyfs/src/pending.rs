@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::time::SystemTime;
 
 /// Size of one buffered page.
 pub(crate) const PAGE: u64 = 4096;
@@ -34,6 +35,8 @@ pub(crate) struct Pending {
     written: u64,
     /// `write` calls since the last sync.
     writes: u64,
+    /// When the content last changed (the backing file's mtime is not touched until sync).
+    modified: Option<SystemTime>,
 }
 
 /// Reads `buf.len()` bytes at `off` from `file`; whatever lies past its end reads as zero.
@@ -65,7 +68,13 @@ impl Pending {
             pages: BTreeMap::new(),
             written: 0,
             writes: 0,
+            modified: None,
         }
+    }
+
+    /// When a write or truncation last changed the file, if one did.
+    pub(crate) fn modified(&self) -> Option<SystemTime> {
+        self.modified
     }
 
     /// The file's logical size.
@@ -141,6 +150,7 @@ impl Pending {
         self.size = self.size.max(end);
         self.written += data.len() as u64;
         self.writes += 1;
+        self.modified = Some(SystemTime::now());
         Ok(())
     }
 
@@ -157,6 +167,7 @@ impl Pending {
             }
         }
         self.size = size;
+        self.modified = Some(SystemTime::now());
     }
 
     /// Makes the backing file hold the logical file (not synced: the caller syncs).

@@ -2,6 +2,7 @@
 //! skip (a failure under `COINFLOW_STRICT=1`) where FUSE cannot work.
 #![allow(dead_code)] // Each test crate uses its own part of this module.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use coinflow_lazyfs::LazyFs;
@@ -31,7 +32,11 @@ pub fn mount_or_skip(test: &str) -> Option<Mounted> {
         if std::env::var("COINFLOW_STRICT").as_deref() == Ok("1") {
             panic!("{test}: the lazy file system cannot work here, and COINFLOW_STRICT=1: {why}");
         }
-        eprintln!("=== SKIPPED {test}: the lazy file system cannot work here: {why}");
+        // Straight to stderr, past libtest's capture, so `cargo test` shows it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "=== SKIPPED {test}: the lazy file system cannot work here: {why}"
+        );
         return None;
     }
     let dirs = tempfile::tempdir().expect("scratch directory");
