@@ -68,6 +68,7 @@ async fn authentic_deliveries_are_recorded_whatever_their_bytes() {
         &[
             ("EDGE_DELIVER_DEADLINE_MS", "20000"),
             ("EDGE_REQUEST_TIMEOUT_MS", "30000"),
+            ("EDGE_BODY_TIMEOUT_MS", "20000"),
         ],
     )
     .await;
@@ -173,6 +174,9 @@ async fn a_call_refused_as_a_whole_is_retried_event_by_event() {
     let mut config = edge_config(stub.addr);
     config.deliver_deadline_ms = 20_000;
     config.request_timeout_ms = 30_000;
+    // 64 bodies of 200 KiB at once on a loaded machine: reading one may pass the 2 s body
+    // timeout (a 408 before authentication), which is not what this test is about.
+    config.body_timeout_ms = 20_000;
     let edge = EdgeHandle::start(config).await;
     let (http, url) = (Http::default(), edge.url());
     let answers = futures::future::join_all(
@@ -222,6 +226,9 @@ async fn large_events_share_calls_only_up_to_the_batch_byte_limit() {
     let mut config = edge_config(stub.addr);
     config.deliver_deadline_ms = 20_000;
     config.request_timeout_ms = 30_000;
+    // 64 bodies of 200 KiB at once on a loaded machine: reading one may pass the 2 s body
+    // timeout (a 408 before authentication), which is not what this test is about.
+    config.body_timeout_ms = 20_000;
     let edge = EdgeHandle::start(config).await;
     let (http, url) = (Http::default(), edge.url());
     let answers = futures::future::join_all(
