@@ -822,6 +822,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// `t` in epoch milliseconds, as the payments and chargebacks lists take `since`/`until`
+/// (0 before 1970).
+pub fn epoch_millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// RFC 3339 with milliseconds, in UTC (`2026-11-18T10:00:00.000Z`); times before 1970
 /// or after 9999 are clamped to those years, which RFC 3339 can write.
 pub fn iso8601(t: SystemTime) -> String {

@@ -10,7 +10,7 @@ use tonic::Code;
 
 use super::report::{Action, Discrepancy, Out, Progress, Report};
 use super::{Query, RecoverError, Recovery};
-use crate::coinflow_api::Window;
+use crate::coinflow_api::{Window, epoch_millis};
 
 pub(super) async fn reconcile(
     r: &mut Recovery,
@@ -18,7 +18,7 @@ pub(super) async fn reconcile(
     report: &mut Report,
     out: &mut Out,
 ) -> Result<(), RecoverError> {
-    let (since, until) = (millis(window.start), millis(window.end));
+    let (since, until) = (epoch_millis(window.start), epoch_millis(window.end));
     let payments = r.api.payments(since, until).await?;
     report.payments = payments.len();
     let progress = Progress::new("payments", payments.len());
@@ -112,9 +112,4 @@ fn dispute_of(event: &RecordedEvent) -> Option<(&str, Option<String>)> {
         .ok()
         .and_then(|e| e.data.str("chargebackId").map(str::to_owned));
     Some((outcome, id))
-}
-
-fn millis(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -392,6 +392,26 @@ impl LazyFsImpl {
             Err(e) => reply.error(e.into()),
         }
     }
+
+    /// Removes `name` from `parent` with `remove` (a file or an empty directory), dropping
+    /// what was pending for it.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        remove: fn(&std::path::Path) -> std::io::Result<()>,
+    ) {
+        let mut s = self.lock();
+        let r = (|| {
+            let path = s.child(parent, name)?;
+            let meta = fs::symlink_metadata(&path)?;
+            remove(&path)?;
+            s.unlinked(&meta);
+            Ok(())
+        })();
+        done(reply, r);
+    }
 }
 
 fn done(reply: ReplyEmpty, r: Result<(), Errno>) {
@@ -517,27 +537,11 @@ impl Filesystem for LazyFsImpl {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut s = self.lock();
-        let r = (|| {
-            let path = s.child(parent, name)?;
-            let meta = fs::symlink_metadata(&path)?;
-            fs::remove_file(&path)?;
-            s.unlinked(&meta);
-            Ok(())
-        })();
-        done(reply, r);
+        self.remove(parent, name, reply, |p| fs::remove_file(p));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut s = self.lock();
-        let r = (|| {
-            let path = s.child(parent, name)?;
-            let meta = fs::symlink_metadata(&path)?;
-            fs::remove_dir(&path)?;
-            s.unlinked(&meta);
-            Ok(())
-        })();
-        done(reply, r);
+        self.remove(parent, name, reply, |p| fs::remove_dir(p));
     }
 
     fn symlink(

@@ -16,7 +16,7 @@ use coinflow_tests::{KEY, TestDb};
 use http::StatusCode;
 use sqlx::Row;
 
-fn sender(url: &str) -> Sender {
+pub(crate) fn sender(url: &str) -> Sender {
     Sender::new(
         Target {
             url: url.to_owned(),
@@ -41,7 +41,7 @@ fn expected(bodies: &[Bytes]) -> BTreeMap<String, BTreeMap<String, i64>> {
 }
 
 /// Every acked delivery is recorded once; every payment holds exactly what it should.
-async fn verify(db: &TestDb, bodies: &[Bytes], logged: &[Logged]) {
+pub(crate) async fn verify(db: &TestDb, bodies: &[Bytes], logged: &[Logged]) {
     let pool = pool(db).await;
     assert!(!logged.is_empty(), "a delivery log to check");
     assert!(

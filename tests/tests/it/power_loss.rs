@@ -13,13 +13,12 @@
 use std::time::Duration;
 
 use coinflow_lazyfs::LazyFs;
-use coinflow_sender::deliver::{Sender, Target};
 use coinflow_sender::generate::{Traffic, generate};
 use coinflow_tests::db::{Backend, backend};
 use coinflow_tests::process::Proc;
 use coinflow_tests::{KEY, TestDb, free_addr};
 
-use crate::faults::assert_payments_as_expected;
+use crate::faults::{sender, verify};
 
 /// Whether a skip must fail the run (CI).
 fn strict() -> bool {
@@ -55,16 +54,7 @@ async fn a_power_loss_after_any_200_loses_nothing() {
         &[("EDGE_DELIVER_DEADLINE_MS", "1000")],
     )
     .await;
-    let sender = Sender::new(
-        Target {
-            url: format!("http://{}/webhooks/coinflow", edge.addr),
-            key: KEY.into(),
-            authorization: false,
-            compress: 2000.0,
-            attempts: 16,
-        },
-        None,
-    );
+    let sender = sender(&format!("http://{}/webhooks/coinflow", edge.addr));
     // ~5,000 deliveries: enough WAL (~25 KB an event) to pass the 16 MiB rewind threshold
     // several times, so some power losses land around a rewind.
     let bodies = generate(&Traffic {
@@ -122,21 +112,8 @@ async fn a_power_loss_after_any_200_loses_nothing() {
         .await
         .unwrap();
     assert_eq!(integrity, "ok");
-    for l in &logged {
-        let n: i64 =
-            sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM events WHERE event_key = $1")
-                .bind(&l.event_key)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(
-            n, 1,
-            "acked {} ({:?}) survived once",
-            l.event_key, l.payment_id
-        );
-    }
-    assert_payments_as_expected(&pool, &bodies).await;
     pool.close().await;
+    verify(&db, &bodies, &logged).await;
     drop(edge);
     drop(disk);
 }
