@@ -285,3 +285,37 @@ async fn made_up_grpc_paths_do_not_grow_the_metrics() {
     assert!(counted("GetPayment"), "a served method keeps its name");
     assert!(f.terminate().await.success());
 }
+
+#[tokio::test]
+async fn a_recovery_token_looks_up_and_ingests_and_does_nothing_else() {
+    let db = TestDb::new().await;
+    let f = FulfillmentHandle::start_with(&db, |c| {
+        c.recovery_tokens = keys(&["test-recovery-token"]);
+    })
+    .await;
+    let ch = channel(f.addr).await;
+    let path = |service: &str, method: &str| format!("/coinflow.fulfillment.v1.{service}/{method}");
+    for (service, method, allowed) in [
+        ("Ingest", "Deliver", true),
+        ("Ingest", "DeliverBatch", true),
+        ("Fulfillment", "GetPayment", true),
+        ("Fulfillment", "GetEvent", true),
+        ("Fulfillment", "GetEntitlements", false),
+        ("Fulfillment", "ListLedger", false),
+        ("Fulfillment", "WatchEntitlements", false),
+        ("Fulfillment", "Consume", false),
+        ("Fulfillment", "ListHeld", false),
+        ("Fulfillment", "ResolveHeld", false),
+    ] {
+        let code = call(&ch, &path(service, method), Some("test-recovery-token")).await;
+        if allowed {
+            assert!(
+                !matches!(code, Code::PermissionDenied | Code::Unauthenticated),
+                "{method}: {code:?}"
+            );
+        } else {
+            assert_eq!(code, Code::PermissionDenied, "{method}");
+        }
+    }
+    f.stop().await;
+}
