@@ -19,7 +19,6 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -116,7 +115,10 @@ impl Telemetry {
             LogFormat::Auto => !std::io::stderr().is_terminal(),
         };
         let logs = if json {
+            // The JSON lines print no span fields: formatting them at every span's start
+            // would be wasted.
             fmt::layer()
+                .fmt_fields(NoFields)
                 .event_format(JsonWithTrace)
                 .with_writer(std::io::stderr)
                 .boxed()
@@ -141,9 +143,16 @@ impl Telemetry {
             ]
             .map(|t| (t, LevelFilter::OFF)),
         );
+        // Nothing here reads the OpenTelemetry context as the current one (propagation and
+        // log lines ask the span), so entering a span need not activate it; busy and idle
+        // times, and thread attributes, cost a clock read or two on every poll of every
+        // instrumented future and no dashboard reads them.
         let subscriber = tracing_subscriber::registry().with(filter).with(logs).with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer_provider.tracer(default_service))
+                .with_context_activation(false)
+                .with_tracked_inactivity(false)
+                .with_threads(false)
                 .with_filter(spans),
         );
         tracing::subscriber::set_global_default(subscriber)
@@ -242,7 +251,8 @@ fn current_ids() -> Option<(String, String)> {
 }
 
 /// One JSON object per line: timestamp, level, target, message, `fields`, the current
-/// span's name, and `trace_id`/`span_id` inside a traced request.
+/// span's name, and `trace_id`/`span_id` inside a traced request. Written straight into
+/// one buffer (no JSON tree per line): every delivery logs a line in each service.
 struct JsonWithTrace;
 
 impl<S, N> FormatEvent<S, N> for JsonWithTrace
@@ -256,28 +266,45 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let mut fields = Map::new();
-        event.record(&mut JsonVisitor(&mut fields));
-        let mut timestamp = String::new();
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let mut timestamp = String::with_capacity(32);
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         let meta = event.metadata();
-        let mut line = Map::new();
-        line.insert("timestamp".into(), timestamp.into());
-        line.insert("level".into(), meta.level().as_str().into());
-        line.insert("target".into(), meta.target().into());
-        if let Some(message) = fields.remove("message") {
-            line.insert("message".into(), message);
+        let mut line = Vec::with_capacity(192 + fields.fields.len());
+        line.extend_from_slice(b"{\"timestamp\":");
+        json_str(&mut line, &timestamp);
+        line.extend_from_slice(b",\"level\":");
+        json_str(&mut line, meta.level().as_str());
+        line.extend_from_slice(b",\"target\":");
+        json_str(&mut line, meta.target());
+        if let Some(message) = &fields.message {
+            line.extend_from_slice(b",\"message\":");
+            line.extend_from_slice(message);
         }
-        line.insert("fields".into(), Value::Object(fields));
+        line.extend_from_slice(b",\"fields\":{");
+        line.extend_from_slice(&fields.fields);
+        line.push(b'}');
         if let Some(span) = ctx.lookup_current() {
-            line.insert("span".into(), span.name().into());
+            line.extend_from_slice(b",\"span\":");
+            json_str(&mut line, span.name());
         }
         if let Some((trace_id, span_id)) = current_ids() {
-            line.insert("trace_id".into(), trace_id.into());
-            line.insert("span_id".into(), span_id.into());
+            line.extend_from_slice(b",\"trace_id\":");
+            json_str(&mut line, &trace_id);
+            line.extend_from_slice(b",\"span_id\":");
+            json_str(&mut line, &span_id);
         }
-        writeln!(writer, "{}", Value::Object(line))
+        line.extend_from_slice(b"}\n");
+        // Every piece is a `str` or serde_json's output: always UTF-8.
+        writer.write_str(&String::from_utf8_lossy(&line))
     }
+}
+
+/// `value` as a JSON string (serde_json's escaping), appended to `out`.
+fn json_str(out: &mut Vec<u8>, value: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(out, value);
 }
 
 /// The default human format, prefixed with `trace_id`/`span_id` inside a traced request.
@@ -301,29 +328,66 @@ where
     }
 }
 
-struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+/// Formats no fields: what span fields become in the JSON format, which never prints them.
+struct NoFields;
 
-impl Visit for JsonVisitor<'_> {
+impl<'writer> FormatFields<'writer> for NoFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        _writer: Writer<'writer>,
+        _fields: R,
+    ) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+/// An event's fields as JSON: `message` (a JSON value) apart, the rest as the members
+/// of an object (`"name":value,...`).
+#[derive(Default)]
+struct JsonFields {
+    message: Option<Vec<u8>>,
+    fields: Vec<u8>,
+}
+
+impl JsonFields {
+    fn member(&mut self, field: &Field) -> &mut Vec<u8> {
+        if field.name() == "message" {
+            return self.message.insert(Vec::new());
+        }
+        if !self.fields.is_empty() {
+            self.fields.push(b',');
+        }
+        json_str(&mut self.fields, field.name());
+        self.fields.push(b':');
+        &mut self.fields
+    }
+
+    /// A number or `true`/`false`, as serde_json writes it (a non-finite float: `null`).
+    fn value(&mut self, field: &Field, value: impl serde::Serialize) {
+        let _ = serde_json::to_writer(self.member(field), &value);
+    }
+}
+
+impl Visit for JsonFields {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        json_str(self.member(field), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field, value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field, value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field, value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field, value);
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().into(), value.to_string().into());
+        json_str(self.member(field), &value.to_string());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        json_str(self.member(field), &format!("{value:?}"));
     }
 }

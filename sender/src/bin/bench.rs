@@ -66,12 +66,22 @@ struct Cli {
     /// warnings only, or `TOKIO_WORKER_THREADS=1`). Repeatable.
     #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = key_value)]
     service_env: Vec<(String, String)>,
+    /// Measure only the rows whose name contains this (and bare hyper, the baseline).
+    #[arg(long)]
+    only: Option<String>,
     /// Internal: run the bare hyper server.
     #[arg(long, hide = true)]
     bare_server: bool,
     /// Internal: run the ingest stub that acks every event without storing it.
     #[arg(long, hide = true)]
     stub_ingest: bool,
+}
+
+impl Cli {
+    /// Whether `--only` lets the row `name` run.
+    fn wants(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| name.contains(only))
+    }
 }
 
 fn key_value(arg: &str) -> Result<(String, String), String> {
@@ -171,6 +181,21 @@ fn cpu_secs(pid: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds every PostgreSQL server process (all named `postgres`) has used; a
+/// backend that exits takes its time with it, so the pools' long-lived ones are what count.
+fn postgres_cpu_secs() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|p| cpu_secs(&p.file_name().to_string_lossy()))
+        .sum()
+}
+
 /// CPU seconds each thread of `pid` has used, summed by thread name.
 fn thread_cpu_secs(pid: &str) -> BTreeMap<String, f64> {
     let mut by_name = BTreeMap::new();
@@ -234,21 +259,33 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The services' log level in a measurement.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Log {
+    /// Warnings only (and the start-up line the benchmark reads).
+    Warn,
+    /// The services' default (`info`: a line per delivery in each service, and every span).
+    Default,
+}
+
 /// Starts a service and waits for its "listening" log line (JSON) for the address.
 async fn start(
     name: &'static str,
     args: &[&str],
     env: &[(&str, &str)],
+    log: Log,
     extra_env: &[(String, String)],
 ) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(bin(name)?);
-    cmd.args(args)
-        .env("LOG_FORMAT", "json")
-        .env(
+    cmd.args(args).env("LOG_FORMAT", "json");
+    match log {
+        Log::Warn => cmd.env(
             "RUST_LOG",
             "warn,fulfillment_svc::server=info,webhook_edge::server=info",
-        )
-        .stdout(Stdio::null())
+        ),
+        Log::Default => cmd.env_remove("RUST_LOG"),
+    };
+    cmd.stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     for (k, v) in env {
@@ -292,8 +329,8 @@ async fn start_bare() -> anyhow::Result<Proc> {
     start_internal("--bare-server", "bare hyper").await
 }
 
-/// The real edge, delivering to `fulfillment_url`.
-async fn start_edge(fulfillment_url: &str, cli: &Cli) -> anyhow::Result<Proc> {
+/// The real edge, delivering to `fulfillment_url` (comma-separated URLs: round robin).
+async fn start_edge(fulfillment_url: &str, log: Log, cli: &Cli) -> anyhow::Result<Proc> {
     start(
         "webhook-edge",
         &[
@@ -308,12 +345,29 @@ async fn start_edge(fulfillment_url: &str, cli: &Cli) -> anyhow::Result<Proc> {
             ("COINFLOW_WEBHOOK_KEYS", KEY),
             ("EDGE_INGEST_TOKEN", "bench-ingest"),
         ],
+        log,
         &cli.service_env,
     )
     .await
 }
 
-async fn stack(database_url: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
+/// How a pipeline runs: its log level and how many fulfillment replicas share the ledger.
+#[derive(Clone, Copy)]
+struct Shape {
+    log: Log,
+    replicas: usize,
+}
+
+impl Shape {
+    const WARN: Self = Self {
+        log: Log::Warn,
+        replicas: 1,
+    };
+}
+
+/// The edge (first) and `shape.replicas` fulfillment replicas on the ledger at
+/// `database_url`, the edge balancing over them.
+async fn stack(database_url: &str, shape: Shape, cli: &Cli) -> anyhow::Result<Vec<Proc>> {
     let catalog = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/catalog.example.toml");
     let args = [
         "--listen",
@@ -326,18 +380,29 @@ async fn stack(database_url: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
         catalog.to_str().context("path")?,
         "--migrate-on-start",
     ];
-    let fulfillment = start(
-        "fulfillment-svc",
-        &args,
-        &[
-            ("FULFILLMENT_API_TOKENS", "bench"),
-            ("FULFILLMENT_INGEST_TOKENS", "bench-ingest"),
-        ],
-        &cli.service_env,
-    )
-    .await?;
-    let edge = start_edge(&format!("http://{}", fulfillment.addr), cli).await?;
-    Ok((edge, fulfillment))
+    let mut replicas = Vec::with_capacity(shape.replicas);
+    for _ in 0..shape.replicas {
+        replicas.push(
+            start(
+                "fulfillment-svc",
+                &args,
+                &[
+                    ("FULFILLMENT_API_TOKENS", "bench"),
+                    ("FULFILLMENT_INGEST_TOKENS", "bench-ingest"),
+                ],
+                shape.log,
+                &cli.service_env,
+            )
+            .await?,
+        );
+    }
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("http://{}", r.addr))
+        .collect();
+    let mut procs = vec![start_edge(&urls.join(","), shape.log, cli).await?];
+    procs.extend(replicas);
+    Ok(procs)
 }
 
 fn bodies(prefix: &str, n: usize) -> Vec<Bytes> {
@@ -370,6 +435,7 @@ async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> 
     let before: Vec<f64> = procs.iter().map(|p| p.cpu_secs()).collect();
     let threads_before: Vec<_> = procs.iter().map(|p| p.thread_cpu_secs()).collect();
     let own = cpu_secs("self");
+    let postgres = postgres_cpu_secs();
     sender.closed_loop(bodies, concurrency).await;
     let per_event = |secs: f64| 1e6 * secs / n as f64;
     let threads_us = procs
@@ -389,6 +455,10 @@ async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> 
         .map(|(p, b)| (p.name, per_event(p.cpu_secs() - b)))
         .collect();
     cpu_us.push(("load generator", per_event(cpu_secs("self") - own)));
+    let postgres = per_event(postgres_cpu_secs() - postgres);
+    if postgres >= 1.0 {
+        cpu_us.push(("postgres", postgres));
+    }
     Closed {
         report: sender.report(),
         cpu_us,
@@ -498,17 +568,28 @@ fn row(name: &str, closed: &Closed, rate: Option<&Report>, procs: &[&Proc]) -> R
 /// Where a pipeline's ledgers are made: each call to [`Ledgers::fresh`] is a new, empty
 /// one (a file, or a database on the PostgreSQL server, dropped by [`Ledgers::drop_all`]).
 enum Ledgers {
-    Sqlite(PathBuf),
+    Sqlite { dir: PathBuf, made: usize },
     Postgres { server: String, made: Vec<String> },
 }
 
 impl Ledgers {
+    /// How many ledgers were made so far.
+    fn count(&self) -> usize {
+        match self {
+            Self::Sqlite { made, .. } => *made,
+            Self::Postgres { made, .. } => made.len(),
+        }
+    }
+
     async fn fresh(&mut self, tag: &str) -> anyhow::Result<String> {
         match self {
-            Self::Sqlite(dir) => Ok(format!(
-                "sqlite://{}",
-                dir.join(format!("{tag}.db")).display()
-            )),
+            Self::Sqlite { dir, made } => {
+                *made += 1;
+                Ok(format!(
+                    "sqlite://{}",
+                    dir.join(format!("{tag}.db")).display()
+                ))
+            }
             Self::Postgres { server, made } => {
                 let name = format!("coinflow_bench_{}_{tag}", std::process::id());
                 let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres")).await?;
@@ -538,10 +619,14 @@ impl Ledgers {
 
 /// Starts the pipeline on the ledger at `url` and warms it up with 2,000 events named
 /// after `tag`.
-async fn warmed(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<(Proc, Proc)> {
-    let (edge, fulfillment) = stack(url, cli).await?;
-    warm(&[&edge, &fulfillment], tag, cli).await;
-    Ok((edge, fulfillment))
+async fn warmed(url: &str, tag: &str, shape: Shape, cli: &Cli) -> anyhow::Result<Vec<Proc>> {
+    let procs = stack(url, shape, cli).await?;
+    warm(&refs(&procs), tag, cli).await;
+    Ok(procs)
+}
+
+fn refs(procs: &[Proc]) -> Vec<&Proc> {
+    procs.iter().collect()
 }
 
 /// A short closed loop, not measured: connections, caches and the ledger's first pages.
@@ -574,8 +659,8 @@ async fn measure(name: &str, procs: &[&Proc], cli: &Cli) -> Row {
 /// Starts the pipeline on the ledger at `url`, warms it up, and measures one closed loop
 /// of `cli.events` events named after `tag`.
 async fn closed_on(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<Closed> {
-    let (edge, fulfillment) = warmed(url, tag, cli).await?;
-    Ok(closed(&[&edge, &fulfillment], tag, cli.events, cli.concurrency).await)
+    let procs = warmed(url, tag, Shape::WARN, cli).await?;
+    Ok(closed(&refs(&procs), tag, cli.events, cli.concurrency).await)
 }
 
 /// The full-ledger comparison: closed loops alternating between a fresh ledger and the
@@ -583,7 +668,7 @@ async fn closed_on(url: &str, tag: &str, cli: &Cli) -> anyhow::Result<Closed> {
 async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<Vec<f64>> {
     eprintln!("{name}: pre-loading {} ledger rows", cli.preload);
     let full = ledgers.fresh("full").await?;
-    drop(stack(&full, cli).await?);
+    drop(stack(&full, Shape::WARN, cli).await?);
     preload(&full, cli.preload).await?;
     let mut ratios = Vec::with_capacity(cli.full_rounds);
     for i in 0..cli.full_rounds {
@@ -601,18 +686,69 @@ async fn full_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Re
     Ok(ratios)
 }
 
-async fn pipeline(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<(Row, Vec<f64>)> {
-    let url = ledgers.fresh("main").await?;
+/// A warm pipeline of `shape` on a fresh ledger, measured.
+async fn pipeline(
+    name: &str,
+    ledgers: &mut Ledgers,
+    shape: Shape,
+    cli: &Cli,
+) -> anyhow::Result<Row> {
+    let url = ledgers.fresh(&format!("r{}", ledgers.count())).await?;
     eprintln!("{name}: warm-up");
-    let (edge, fulfillment) = warmed(&url, name, cli).await?;
-    let r = measure(name, &[&edge, &fulfillment], cli).await;
-    drop((edge, fulfillment));
-    let full = if cli.preload > 0 && cli.full_rounds > 0 {
-        full_ledger(name, ledgers, cli).await?
+    let procs = warmed(&url, name, shape, cli).await?;
+    Ok(measure(name, &refs(&procs), cli).await)
+}
+
+/// The pipeline on a ledger created just now, measured from its first event: no warm-up.
+async fn new_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Result<Row> {
+    let url = ledgers.fresh(&format!("r{}", ledgers.count())).await?;
+    let procs = stack(&url, Shape::WARN, cli).await?;
+    eprintln!("{name}: closed loop from the first event");
+    let c = closed(&refs(&procs), name, cli.events, cli.concurrency).await;
+    Ok(row(name, &c, None, &refs(&procs)))
+}
+
+/// Every row of one backend: warm at `warn`, at the default level, on a new ledger
+/// without warm-up, with two replicas where the backend supports them; then the full
+/// ledger's rounds.
+async fn backend(
+    label: &str,
+    ledgers: &mut Ledgers,
+    cli: &Cli,
+) -> anyhow::Result<(Vec<Row>, Vec<f64>)> {
+    let info = Shape {
+        log: Log::Default,
+        replicas: 1,
+    };
+    let two = Shape {
+        log: Log::Warn,
+        replicas: 2,
+    };
+    // `None`: a new ledger, measured from its first event.
+    let mut runs = vec![
+        (format!("{label} pipeline"), Some(Shape::WARN)),
+        (format!("{label}, default log level"), Some(info)),
+        (format!("{label}, new ledger, no warm-up"), None),
+    ];
+    if matches!(ledgers, Ledgers::Postgres { .. }) {
+        runs.push((format!("{label}, two fulfillment replicas"), Some(two)));
+    }
+    let mut rows = Vec::new();
+    for (name, shape) in runs {
+        if !cli.wants(&name) {
+            continue;
+        }
+        rows.push(match shape {
+            Some(shape) => pipeline(&name, ledgers, shape, cli).await?,
+            None => new_ledger(&name, ledgers, cli).await?,
+        });
+    }
+    let full = if cli.preload > 0 && cli.full_rounds > 0 && cli.only.is_none() {
+        full_ledger(label, ledgers, cli).await?
     } else {
         Vec::new()
     };
-    Ok((r, full))
+    Ok((rows, full))
 }
 
 /// `cli.pairs` alternating closed-loop measurements of bare hyper and the SQLite pipeline
@@ -657,22 +793,20 @@ async fn main() -> anyhow::Result<()> {
     rows.push(measure("bare hyper (ceiling)", &[&bare], &cli).await);
     drop(bare);
 
-    let stub = start_internal("--stub-ingest", "ingest stub").await?;
-    let edge = start_edge(&format!("http://{}", stub.addr), &cli).await?;
-    warm(&[&edge, &stub], "stub", &cli).await;
-    rows.push(
-        measure(
-            "edge + gRPC to a stub that stores nothing",
-            &[&edge, &stub],
-            &cli,
-        )
-        .await,
-    );
-    drop((edge, stub));
+    let stub_row = "edge + gRPC to a stub that stores nothing";
+    if cli.wants(stub_row) {
+        let stub = start_internal("--stub-ingest", "ingest stub").await?;
+        let edge = start_edge(&format!("http://{}", stub.addr), Log::Warn, &cli).await?;
+        warm(&[&edge, &stub], "stub", &cli).await;
+        rows.push(measure(stub_row, &[&edge, &stub], &cli).await);
+    }
 
-    let mut sqlite = Ledgers::Sqlite(dir.clone());
-    let (r, f) = pipeline("SQLite pipeline", &mut sqlite, &cli).await?;
-    rows.push(r);
+    let mut sqlite = Ledgers::Sqlite {
+        dir: dir.clone(),
+        made: 0,
+    };
+    let (r, f) = backend("SQLite", &mut sqlite, &cli).await?;
+    rows.extend(r);
     full.push(("SQLite", f));
 
     if !cli.postgres.is_empty() {
@@ -680,10 +814,10 @@ async fn main() -> anyhow::Result<()> {
             server: cli.postgres.clone(),
             made: Vec::new(),
         };
-        let result = pipeline("PostgreSQL pipeline", &mut postgres, &cli).await;
+        let result = backend("PostgreSQL", &mut postgres, &cli).await;
         postgres.drop_all().await?;
         let (r, f) = result?;
-        rows.push(r);
+        rows.extend(r);
         full.push(("PostgreSQL", f));
     }
     let ratios = pairs(&cli, &dir).await?;
@@ -730,6 +864,7 @@ async fn main() -> anyhow::Result<()> {
             println!("  - {process} by thread: {}", threads.join(", "));
         }
     }
+    println!("\n{}", targets(&rows));
     for (name, ratios) in full {
         if !ratios.is_empty() {
             println!(
@@ -748,6 +883,54 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The ratios BENCHMARKS.md's targets are stated in, from this run's rows.
+fn targets(rows: &[Row]) -> String {
+    let find = |name: &str| rows.iter().find(|r| r.name == name);
+    let mut lines = vec!["Ratios of this run:".to_owned(), String::new()];
+    for (what, of, to) in [
+        (
+            "PostgreSQL / SQLite pipeline",
+            "PostgreSQL pipeline",
+            "SQLite pipeline",
+        ),
+        (
+            "SQLite: default log level / warn",
+            "SQLite, default log level",
+            "SQLite pipeline",
+        ),
+        (
+            "PostgreSQL: default log level / warn",
+            "PostgreSQL, default log level",
+            "PostgreSQL pipeline",
+        ),
+        (
+            "SQLite: new ledger without warm-up / warm",
+            "SQLite, new ledger, no warm-up",
+            "SQLite pipeline",
+        ),
+        (
+            "PostgreSQL: new ledger without warm-up / warm",
+            "PostgreSQL, new ledger, no warm-up",
+            "PostgreSQL pipeline",
+        ),
+        (
+            "PostgreSQL: two fulfillment replicas / one",
+            "PostgreSQL, two fulfillment replicas",
+            "PostgreSQL pipeline",
+        ),
+    ] {
+        if let (Some(a), Some(b)) = (find(of), find(to)) {
+            lines.push(format!(
+                "- {what}: {:.1}% of the throughput; p99 {:.2} ms vs {:.2} ms",
+                100.0 * a.throughput / b.throughput,
+                a.p99,
+                b.p99
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 /// "median M% (min A%, max B%): each%, ..." of percentages.

@@ -329,12 +329,22 @@ pub enum Migrations {
 
 /// Connections of the read pool (queries, `WatchEntitlements` polls), on both backends.
 const READERS: u32 = 4;
-/// Connections of PostgreSQL's write pool (ingest's group-commit workers, reviews, spends).
-const POSTGRES_WRITERS: u32 = 16;
+/// Connections of PostgreSQL's write pool for reviews and spends (webhook events have
+/// their group-commit workers' own pool, a connection per worker).
+const POSTGRES_WRITERS: u32 = 4;
+/// The `application_name` of PostgreSQL's webhook-event pool.
+const INGEST_POOL_NAME: &str = "fulfillment-svc/ingest";
 /// The `application_name` of PostgreSQL's write pool.
 const WRITE_POOL_NAME: &str = "fulfillment-svc/write";
 /// The `application_name` of PostgreSQL's read pool.
 const READ_POOL_NAME: &str = "fulfillment-svc/read";
+
+/// Set on every PostgreSQL connection: every statement here finds its rows through an
+/// index, and the planner must take it even before a table's first `ANALYZE`. Without
+/// statistics it estimates 0.5% of a table per `payment_id` looked up and prefers a table
+/// scan at any size, so a new ledger slowed down as it grew until autovacuum's first pass
+/// (BENCHMARKS.md). A statement that has no index path still runs, as a scan.
+const STATISTICS_FREE: (&str, &str) = ("enable_seqscan", "off");
 
 const ADVISORY_LEDGER_APPEND: i64 = 0x636f_696e_666c_6f77; // "coinflow"
 const MAX_ATTEMPTS: u32 = 8;
@@ -360,7 +370,13 @@ const SQLITE_WRITER: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FUL
      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 2000;";
 const SQLITE_READER: &str = "PRAGMA busy_timeout = 2000;";
 
-fn ledger_entry(row: &AnyRow) -> Result<LedgerEntry, sqlx::Error> {
+/// A ledger row read with [`ledger_columns!`], through either driver.
+fn ledger_entry<R: Row>(row: &R) -> Result<LedgerEntry, sqlx::Error>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     Ok(LedgerEntry {
         seq: row.try_get(0)?,
         payment_id: row.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
@@ -455,8 +471,8 @@ fn sqlite_url(url: &str, mode: &str) -> String {
 }
 
 /// A pool of at most `max` connections to `url`, each running `pragmas` (SQLite) first.
-/// A PostgreSQL connection reports `application` as its `application_name` (seen in
-/// `pg_stat_activity`) unless the URL names one.
+/// A PostgreSQL connection (`application` set) reports it as its `application_name` (seen
+/// in `pg_stat_activity`) unless the URL names one, and starts with [`STATISTICS_FREE`].
 async fn connect(
     url: &str,
     max: u32,
@@ -466,16 +482,22 @@ async fn connect(
     sqlx::any::install_default_drivers();
     let mut options = AnyConnectOptions::from_str(url)
         .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
-    if let Some(name) = application
-        && !options
+    if let Some(name) = application {
+        if !options
             .database_url
             .query_pairs()
             .any(|(key, _)| key == "application_name")
-    {
+        {
+            options
+                .database_url
+                .query_pairs_mut()
+                .append_pair("application_name", name);
+        }
+        let (setting, value) = STATISTICS_FREE;
         options
             .database_url
             .query_pairs_mut()
-            .append_pair("application_name", name);
+            .append_pair(&format!("options[{setting}]"), value);
     }
     AnyPoolOptions::new()
         .max_connections(max)
@@ -488,6 +510,25 @@ async fn connect(
                 Ok(())
             })
         })
+        .connect_with(options)
+        .await
+        .map_err(|e| StoreError::Setup(format!("connecting to {}: {e}", redact(url))))
+}
+
+/// The native PostgreSQL pool of the group-commit workers ([`pg_batch`]): a connection
+/// per worker, reporting [`INGEST_POOL_NAME`] as its `application_name` unless the URL
+/// names one.
+async fn connect_pg(url: &str) -> Result<sqlx::PgPool, StoreError> {
+    let mut options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
+    if options.get_application_name().is_none() {
+        options = options.application_name(INGEST_POOL_NAME);
+    }
+    options = options.options([STATISTICS_FREE, ("plan_cache_mode", "force_generic_plan")]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(pg_batch::WORKERS)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(3))
         .connect_with(options)
         .await
         .map_err(|e| StoreError::Setup(format!("connecting to {}: {e}", redact(url))))
@@ -551,7 +592,7 @@ impl SqlStore {
             Backend::Sqlite => {
                 sqlite_writer::start(&sqlite_path(url), policy, Arc::clone(&core.commits))?
             }
-            Backend::Postgres => pg_batch::start(&core),
+            Backend::Postgres => pg_batch::start(&core, connect_pg(url).await?),
         };
         Ok(Self { core, events })
     }

@@ -1,40 +1,121 @@
-//! PostgreSQL's write path for webhook events: group commit. A few workers each take what
-//! is queued (up to [`BATCH`] events, at most one per payment) and record it in one
-//! transaction: the payments' locks ([`Core::lock`]), every event up to its ledger entries,
-//! then the ledger-append lock and every event's entries, one commit, and only then the
-//! answers. The append lock is held from the first entry to the commit, so `seq` order
-//! stays commit order; taking it last keeps that window short and lets the workers overlap
-//! the rest. If anything in a batch fails (a race lost to another replica, a bad row), the
-//! batch rolls back and each of its events is recorded in a transaction of its own (a lost
-//! race comes back as a conflict, which [`super::SqlStore`] retries), so one event's error
-//! stays its own.
+//! PostgreSQL's write path for webhook events: group commit on the PostgreSQL driver
+//! itself (not sqlx's `Any`), so that every statement binds whole columns as arrays and
+//! keeps one text whatever the batch's size: each is parsed and planned once per
+//! connection, then only bound and run.
+//!
+//! A few workers each take what is queued (up to [`BATCH`] events, at most one per
+//! payment) and record it in one transaction of five statements, whatever its size:
+//! [`LOCK_PAYMENTS`], [`LOAD`] (every event's stored state, in one read), [`INSERT_EVENTS`]
+//! (events and new plans), [`INSERT_ENTRIES`] (takes the ledger-append lock, then writes
+//! every entry), and the commit; only then are the events answered. The append lock is
+//! held from the first entry to the commit, so `seq` order stays commit order; taking it
+//! last keeps that window short and lets the workers overlap the rest. If anything in a
+//! batch fails (a race lost to another replica, a bad row), the batch rolls back and each
+//! of its events is recorded in a transaction of its own (a lost race comes back as a
+//! conflict, which [`super::SqlStore`] retries), so one event's error stays its own.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use coinflow_shared::proto::v1::{LedgerEntry, WebhookEvent};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{PgConnection, Row};
 use tokio::sync::{Mutex, mpsc};
 
-use super::{Core, StoreError, classify};
-use crate::store::Ack;
+use super::record::plan_from;
+use super::{ADVISORY_LEDGER_APPEND, Core, StoreError, classify, ledger_entry};
+use crate::decision::{Decision, GrantPlan};
 use crate::store::queue::{self, Job, Queue};
+use crate::store::reconcile::{Delta, Held, Stored, apply};
+use crate::store::{Ack, EventDetail, actor, micros, origin, outcome_from_name, outcome_name};
 
 /// The most events one transaction takes.
 pub const BATCH: usize = 64;
 
-/// Transactions in flight at once, each on its own pooled connection.
-const WORKERS: usize = 8;
+/// Transactions in flight at once, each on its own connection of the pool. Fewer workers
+/// make larger batches: on two cores, 4 recorded 45% more events per second than 8 (most
+/// of a transaction's cost is per statement, not per row), and 2 no more than 4
+/// (BENCHMARKS.md).
+pub(super) const WORKERS: u32 = 4;
 
-/// Starts the workers on the current tokio runtime. Events recorded through the returned
-/// queue are answered once their transaction commits; dropping the queue stops the workers
-/// once it is empty.
-pub(super) fn start(core: &Arc<Core>) -> Queue {
+/// Takes a transaction-scoped advisory lock per payment (`$1`, sorted, so that two
+/// transactions taking several never deadlock: `unnest` keeps the array's order).
+const LOCK_PAYMENTS: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k";
+
+/// What is stored for a batch, in one read, a tagged row per fact: `e` the outcome of an
+/// event key of `$1` already recorded (`a` key, `b` outcome, `c` held reason); for each
+/// payment of `$2`, `f` an event's facts (`b` type, `c` refund status, `d` chargeback id),
+/// `r` its review (`b` decision), `p` its plan (`b` item, `c` catalog version, `d` grants,
+/// `e` wallet, `f` customer id) and `s` what its entries add up to for a sku (`b` sku, `n`).
+const LOAD: &str = "\
+    SELECT 'e' AS tag, event_key AS a, outcome AS b, held_reason AS c, \
+           CAST(NULL AS TEXT) AS d, CAST(NULL AS TEXT) AS e, CAST(NULL AS TEXT) AS f, \
+           CAST(NULL AS BIGINT) AS n \
+      FROM events WHERE event_key = ANY($1::text[]) \
+    UNION ALL \
+    SELECT 'f', payment_id, event_type, refund_status, chargeback_id, NULL, NULL, NULL \
+      FROM events WHERE payment_id = ANY($2::text[]) \
+    UNION ALL \
+    SELECT 'r', payment_id, decision, NULL, NULL, NULL, NULL, NULL \
+      FROM reviews WHERE payment_id = ANY($2::text[]) \
+    UNION ALL \
+    SELECT 'p', payment_id, item, catalog_version, grants, wallet, raw_customer_id, NULL \
+      FROM plans WHERE payment_id = ANY($2::text[]) \
+    UNION ALL \
+    SELECT 's', payment_id, sku, NULL, NULL, NULL, NULL, CAST(SUM(quantity) AS BIGINT) \
+      FROM ledger WHERE kind IN ('grant', 'revoke', 'restore') \
+       AND payment_id = ANY($2::text[]) \
+     GROUP BY payment_id, sku";
+
+/// The batch's new events (`$1`–`$14`, a column each, then `$15` the time) and the plans
+/// they priced (`$16`–`$21`).
+const INSERT_EVENTS: &str = "\
+    WITH new_plans AS ( \
+        INSERT INTO plans (payment_id, source, item, catalog_version, grants, wallet, \
+                           raw_customer_id, recorded_at_us) \
+        SELECT p, 'catalog', i, v, g, w, c, $15 \
+          FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::text[], \
+                      $21::text[]) AS t (p, i, v, g, w, c)) \
+    INSERT INTO events (event_key, event_type, category, created_raw, payment_id, wallet, \
+                        raw_customer_id, refund_status, chargeback_id, outcome, held_reason, \
+                        received_at_us, recorded_at_us, raw_body, origin) \
+    SELECT k, t, c, cr, p, w, rc, rs, cb, o, h, r, $15, b, og \
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                  $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
+                  $12::bigint[], $13::bytea[], $14::text[]) \
+           AS t (k, t, c, cr, p, w, rc, rs, cb, o, h, r, b, og)";
+
+/// The batch's ledger entries, a column each (`$2`–`$12`, then `$13` the time), each
+/// numbered after its payment's last `entry_no` (`$3` is the entry's offset; every
+/// number is read before any row is inserted). The one-time filter takes the
+/// ledger-append lock (`$1`) before the first row is formed, so before any `seq` is drawn.
+const INSERT_ENTRIES: &str = concat!(
+    "INSERT INTO ledger (payment_id, entry_no, kind, sku, quantity, wallet, raw_customer_id, \
+                         item, catalog_version, event_key, actor, recorded_at_us) \
+     SELECT v.p, \
+            (SELECT COALESCE(MAX(l.entry_no), 0) FROM ledger l WHERE l.payment_id = v.p) + v.k, \
+            v.kind, v.sku, v.q, v.w, v.c, v.i, v.cv, v.e, v.a, $13 \
+       FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], \
+                   $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
+                   $12::text[]) AS v (p, k, kind, sku, q, w, c, i, cv, e, a) \
+      WHERE (SELECT TRUE FROM (SELECT pg_advisory_xact_lock($1)) AS appending) \
+     RETURNING ",
+    ledger_columns!()
+);
+
+/// Starts the workers on the current tokio runtime, on `pool` (at least [`WORKERS`]
+/// connections). Events recorded through the returned queue are answered once their
+/// transaction commits; dropping the queue stops the workers once it is empty.
+pub(super) fn start(core: &Arc<Core>, pool: PgPool) -> Queue {
     let (queue, waiting) = queue::channel(4 * BATCH);
     let intake = Arc::new(Mutex::new(Intake {
         queue: waiting,
         carried: Vec::new(),
     }));
     for _ in 0..WORKERS {
-        tokio::spawn(work(Arc::clone(core), Arc::clone(&intake)));
+        tokio::spawn(work(Arc::clone(core), pool.clone(), Arc::clone(&intake)));
     }
     queue
 }
@@ -76,12 +157,13 @@ impl Intake {
     }
 }
 
-async fn work(core: Arc<Core>, intake: Arc<Mutex<Intake>>) {
+async fn work(core: Arc<Core>, pool: PgPool, intake: Arc<Mutex<Intake>>) {
     loop {
         let Some(batch) = intake.lock().await.next().await else {
             return;
         };
-        match record_batch(&core, &batch).await {
+        let events: Vec<_> = batch.iter().map(|j| (&j.event, &j.decision)).collect();
+        match record(&core, &pool, &events).await {
             Ok(acks) => {
                 for (job, ack) in batch.into_iter().zip(acks) {
                     core.notify(&ack.entries);
@@ -92,9 +174,18 @@ async fn work(core: Arc<Core>, intake: Arc<Mutex<Intake>>) {
                 tracing::debug!(error = %e, events = batch.len(),
                     "batch rolled back; recording its events one by one");
                 for job in batch {
-                    let core = Arc::clone(&core);
+                    let (core, pool) = (Arc::clone(&core), pool.clone());
                     tokio::spawn(async move {
-                        let ack = core.record_once(&job.event, &job.decision).await;
+                        let ack = record(&core, &pool, &[(&job.event, &job.decision)])
+                            .await
+                            .and_then(|mut acks| {
+                                acks.pop().ok_or_else(|| {
+                                    StoreError::Setup("recording an event returned no ack".into())
+                                })
+                            });
+                        if let Ok(ack) = &ack {
+                            core.notify(&ack.entries);
+                        }
                         let _ = job.reply.send(ack);
                     });
                 }
@@ -103,17 +194,314 @@ async fn work(core: Arc<Core>, intake: Arc<Mutex<Intake>>) {
     }
 }
 
-async fn record_batch(core: &Core, jobs: &[Job]) -> Result<Vec<Ack>, StoreError> {
-    let mut conn = core.write.acquire().await.map_err(classify)?;
-    let mut tx = core.begin(&mut conn).await?;
-    let payments: Vec<&str> = jobs
+/// Records `events` (no two sharing a payment or an event key) in one transaction and
+/// returns each one's ack, in order.
+async fn record(
+    core: &Core,
+    pool: &PgPool,
+    events: &[(&WebhookEvent, &Decision)],
+) -> Result<Vec<Ack>, StoreError> {
+    let mut tx = pool.begin().await.map_err(classify)?;
+    let payments: Vec<&str> = events
         .iter()
-        .filter_map(|j| j.event.payment_id.as_deref())
+        .filter_map(|(e, _)| e.payment_id.as_deref())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
-    core.lock(&mut tx, &payments).await?;
-    let events: Vec<_> = jobs.iter().map(|j| (&j.event, &j.decision)).collect();
-    let prepared = core.prepare(&mut tx, &events).await?;
-    let acks = core.finish(&mut tx, prepared).await?;
+    if !payments.is_empty() {
+        sqlx::query(LOCK_PAYMENTS)
+            .bind(&payments)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+    }
+    let keys: Vec<&str> = events.iter().map(|(e, _)| e.event_key.as_str()).collect();
+    let (mut existing, mut stored) = load(&mut tx, &keys, &payments).await?;
+
+    let now = micros(SystemTime::now());
+    let mut acks = Vec::with_capacity(events.len());
+    let mut new_events = NewEvents::default();
+    let mut new_plans = NewPlans::default();
+    let mut entries = NewEntries::default();
+    // Which ack each payment's entries belong to.
+    let mut appending: HashMap<String, usize> = HashMap::new();
+    for &(event, decision) in events {
+        if let Some((outcome, held_reason)) = existing.remove(&event.event_key) {
+            acks.push(Ack {
+                outcome: outcome_from_name(&outcome),
+                held_reason,
+                duplicate: true,
+                entries: Vec::new(),
+                item: None,
+            });
+            continue;
+        }
+        let payment = event
+            .payment_id
+            .as_ref()
+            .map(|p| stored.remove(p).unwrap_or_default());
+        let effect = apply(event, decision, payment, core.policy);
+        new_events.push(event, outcome_name(effect.outcome), effect.held_reason, now);
+        if let Some(plan) = &effect.plan {
+            if effect.new_plan {
+                new_plans.push(plan)?;
+            }
+            if !effect.deltas.is_empty() {
+                appending.insert(plan.payment_id.clone(), acks.len());
+                entries.push(plan, &effect.deltas, &event.event_key, actor(event));
+            }
+        }
+        acks.push(Ack {
+            outcome: effect.outcome,
+            held_reason: effect.held_reason.map(str::to_owned),
+            duplicate: false,
+            entries: Vec::new(),
+            item: effect.plan.as_ref().map(|plan| plan.item.clone()),
+        });
+    }
+    if !new_events.key.is_empty() {
+        new_events
+            .bind(sqlx::query(INSERT_EVENTS), now, &new_plans)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+    }
+    if !entries.payment.is_empty() {
+        let rows = entries
+            .bind(sqlx::query(INSERT_ENTRIES), now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let mut written: Vec<LedgerEntry> = rows
+            .iter()
+            .map(ledger_entry::<PgRow>)
+            .collect::<Result<_, _>>()
+            .map_err(classify)?;
+        written.sort_by_key(|e| e.seq);
+        for entry in written {
+            if let Some(&i) = appending.get(&entry.payment_id) {
+                acks[i].entries.push(entry);
+            }
+        }
+    }
     tx.commit().await.map_err(classify)?;
     Ok(acks)
+}
+
+/// The outcomes of `keys` already recorded, and what each of `payments` has on record
+/// (the default for a payment with nothing yet): one [`LOAD`].
+async fn load(
+    conn: &mut PgConnection,
+    keys: &[&str],
+    payments: &[&str],
+) -> Result<
+    (
+        HashMap<String, (String, Option<String>)>,
+        HashMap<String, Stored>,
+    ),
+    StoreError,
+> {
+    let rows = sqlx::query(LOAD)
+        .bind(keys)
+        .bind(payments)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(classify)?;
+    let mut existing = HashMap::new();
+    let mut stored: HashMap<String, Stored> = payments
+        .iter()
+        .map(|p| ((*p).to_owned(), Stored::default()))
+        .collect();
+    let text = |row: &PgRow, i: usize| row.try_get::<Option<String>, _>(i).map_err(classify);
+    for row in &rows {
+        let tag: String = row.try_get(0).map_err(classify)?;
+        let a: String = row.try_get(1).map_err(classify)?;
+        if tag == "e" {
+            let outcome = text(row, 2)?.unwrap_or_default();
+            existing.insert(a, (outcome, text(row, 3)?));
+            continue;
+        }
+        let payment = stored.entry(a.clone()).or_default();
+        match tag.as_str() {
+            "f" => {
+                let event_type = text(row, 2)?.unwrap_or_default();
+                let detail = EventDetail {
+                    refund_status: text(row, 3)?,
+                    chargeback_id: text(row, 4)?,
+                };
+                let (t, status, chargeback) = detail.fact(&event_type);
+                payment.facts.add(t, status, chargeback);
+            }
+            "r" => payment.rejected = text(row, 2)?.as_deref() == Some("rejected"),
+            "p" => {
+                payment.plan = Some(plan_from(
+                    a,
+                    text(row, 2)?.unwrap_or_default(),
+                    text(row, 3)?.unwrap_or_default(),
+                    &text(row, 4)?.unwrap_or_default(),
+                    text(row, 5)?.unwrap_or_default(),
+                    text(row, 6)?,
+                )?);
+            }
+            _ => {
+                let sku = text(row, 2)?.unwrap_or_default();
+                let net: i64 = row.try_get(7).map_err(classify)?;
+                payment.current.insert(sku, Held { net, touched: true });
+            }
+        }
+    }
+    Ok((existing, stored))
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// [`INSERT_EVENTS`]' event columns.
+#[derive(Default)]
+struct NewEvents<'a> {
+    key: Vec<&'a str>,
+    event_type: Vec<&'a str>,
+    category: Vec<&'a str>,
+    created_raw: Vec<&'a str>,
+    payment_id: Vec<Option<&'a str>>,
+    wallet: Vec<Option<&'a str>>,
+    raw_customer_id: Vec<Option<&'a str>>,
+    refund_status: Vec<Option<&'a str>>,
+    chargeback_id: Vec<Option<&'a str>>,
+    outcome: Vec<&'static str>,
+    held_reason: Vec<Option<&'static str>>,
+    received_at: Vec<i64>,
+    raw_body: Vec<&'a [u8]>,
+    origin: Vec<&'static str>,
+}
+
+impl<'a> NewEvents<'a> {
+    fn push(
+        &mut self,
+        event: &'a WebhookEvent,
+        outcome: &'static str,
+        held_reason: Option<&'static str>,
+        now: i64,
+    ) {
+        self.key.push(&event.event_key);
+        self.event_type.push(&event.event_type);
+        self.category.push(&event.category);
+        self.created_raw.push(&event.created_raw);
+        self.payment_id.push(event.payment_id.as_deref());
+        self.wallet.push(event.wallet.as_deref());
+        self.raw_customer_id.push(event.raw_customer_id.as_deref());
+        self.refund_status.push(event.refund_status.as_deref());
+        self.chargeback_id.push(event.chargeback_id.as_deref());
+        self.outcome.push(outcome);
+        self.held_reason.push(held_reason);
+        self.received_at.push(
+            event
+                .received_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .map_or(now, micros),
+        );
+        self.raw_body.push(&event.raw_body);
+        self.origin.push(origin(event));
+    }
+
+    fn bind<'q>(&'q self, query: Query<'q>, now: i64, plans: &'q NewPlans) -> Query<'q> {
+        query
+            .bind(&self.key)
+            .bind(&self.event_type)
+            .bind(&self.category)
+            .bind(&self.created_raw)
+            .bind(&self.payment_id)
+            .bind(&self.wallet)
+            .bind(&self.raw_customer_id)
+            .bind(&self.refund_status)
+            .bind(&self.chargeback_id)
+            .bind(&self.outcome)
+            .bind(&self.held_reason)
+            .bind(&self.received_at)
+            .bind(&self.raw_body)
+            .bind(&self.origin)
+            .bind(now)
+            .bind(&plans.payment_id)
+            .bind(&plans.item)
+            .bind(&plans.catalog_version)
+            .bind(&plans.grants)
+            .bind(&plans.wallet)
+            .bind(&plans.raw_customer_id)
+    }
+}
+
+/// [`INSERT_EVENTS`]' plan columns.
+#[derive(Default)]
+struct NewPlans {
+    payment_id: Vec<String>,
+    item: Vec<String>,
+    catalog_version: Vec<String>,
+    grants: Vec<String>,
+    wallet: Vec<String>,
+    raw_customer_id: Vec<Option<String>>,
+}
+
+impl NewPlans {
+    fn push(&mut self, plan: &GrantPlan) -> Result<(), StoreError> {
+        let grants = serde_json::to_string(&plan.grants)
+            .map_err(|e| StoreError::Setup(format!("encoding plan: {e}")))?;
+        self.payment_id.push(plan.payment_id.clone());
+        self.item.push(plan.item.clone());
+        self.catalog_version.push(plan.catalog_version.clone());
+        self.grants.push(grants);
+        self.wallet.push(plan.wallet.clone());
+        self.raw_customer_id.push(plan.raw_customer_id.clone());
+        Ok(())
+    }
+}
+
+/// [`INSERT_ENTRIES`]' columns.
+#[derive(Default)]
+struct NewEntries {
+    payment: Vec<String>,
+    offset: Vec<i64>,
+    kind: Vec<&'static str>,
+    sku: Vec<String>,
+    quantity: Vec<i64>,
+    wallet: Vec<String>,
+    raw_customer_id: Vec<Option<String>>,
+    item: Vec<String>,
+    catalog_version: Vec<String>,
+    event_key: Vec<String>,
+    actor: Vec<&'static str>,
+}
+
+impl NewEntries {
+    /// `deltas` for `plan`'s payment, written by `event_key` on behalf of `actor`.
+    fn push(&mut self, plan: &GrantPlan, deltas: &[Delta], event_key: &str, actor: &'static str) {
+        for (offset, d) in (1_i64..).zip(deltas) {
+            self.payment.push(plan.payment_id.clone());
+            self.offset.push(offset);
+            self.kind.push(d.kind.as_str());
+            self.sku.push(d.sku.clone());
+            self.quantity.push(d.quantity);
+            self.wallet.push(plan.wallet.clone());
+            self.raw_customer_id.push(plan.raw_customer_id.clone());
+            self.item.push(plan.item.clone());
+            self.catalog_version.push(plan.catalog_version.clone());
+            self.event_key.push(event_key.to_owned());
+            self.actor.push(actor);
+        }
+    }
+
+    fn bind<'q>(&'q self, query: Query<'q>, now: i64) -> Query<'q> {
+        query
+            .bind(ADVISORY_LEDGER_APPEND)
+            .bind(&self.payment)
+            .bind(&self.offset)
+            .bind(&self.kind)
+            .bind(&self.sku)
+            .bind(&self.quantity)
+            .bind(&self.wallet)
+            .bind(&self.raw_customer_id)
+            .bind(&self.item)
+            .bind(&self.catalog_version)
+            .bind(&self.event_key)
+            .bind(&self.actor)
+            .bind(now)
+    }
 }
