@@ -184,7 +184,18 @@ impl Data {
             .filter(|s| !s.is_empty())
     }
 
-    /// An identifier: a non-empty string, or an integer rendered in decimal.
+    /// An identifier (`data.id`, `data.paymentId`, ...), by one rule for every id field:
+    ///
+    /// - a non-empty JSON string is the id, exactly as sent (`"0"` included);
+    /// - a JSON integer is the id, as its decimal text: `0` is `"0"`, `-5` is `"-5"`, and
+    ///   so on from `i64::MIN` to `u64::MAX` (`18446744073709551615`). So `7` and `"7"` are
+    ///   the same id: the same payment and the same transport identity;
+    /// - anything else is no id: `""`, `null`, a boolean, an array, an object, and every
+    ///   number serde_json reads as a float. That is any number written with a fraction or
+    ///   an exponent (`1.5`, `5.0`, `1e3`), `-0` (read as -0.0), and any integer outside
+    ///   `i64::MIN..=u64::MAX` (`18446744073709551616`), which serde_json reads as the
+    ///   nearest `f64` (this workspace does not enable its `arbitrary_precision` feature). A
+    ///   float is never rounded into an id: its decimal text would not be what was sent.
     pub fn id(&self, key: &str) -> Option<String> {
         match self.0.get(key)? {
             Value::String(s) if !s.is_empty() => Some(s.clone()),
@@ -206,7 +217,10 @@ impl Data {
 
 impl Envelope {
     /// The business key: `data.paymentId` first on `Refund*` events (a refund's own `id`,
-    /// if Coinflow ever sends one, is not the payment), `data.id` first on the others.
+    /// if Coinflow ever sends one, is not the payment), `data.id` first on the others; the
+    /// first of the two that is an id by [`Data::id`]'s rule. So a non-empty string, or an
+    /// integer as its decimal text (`{"id": 0}` names payment `"0"`); a float, `""`,
+    /// `null` or any other type is no id, and the other field is tried.
     pub fn payment_id(&self) -> Option<String> {
         let order = if self.event_type.starts_with("Refund") {
             ["paymentId", "id"]
@@ -300,6 +314,60 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settled.payment_id().as_deref(), Some("p2"));
+    }
+
+    #[test]
+    fn an_id_is_a_non_empty_string_or_an_integer_in_decimal() {
+        let cases = [
+            (r#""abc""#, Some("abc")),
+            (r#""0""#, Some("0")),
+            (r#""-5""#, Some("-5")),
+            (r#""1.5""#, Some("1.5")),
+            ("0", Some("0")),
+            ("-5", Some("-5")),
+            ("9223372036854775807", Some("9223372036854775807")),
+            ("-9223372036854775808", Some("-9223372036854775808")),
+            ("18446744073709551615", Some("18446744073709551615")),
+            // Past u64 (or below i64) serde_json reads a float: no id, not a rounded one. It
+            // reads `-0` as the float -0.0 too.
+            ("18446744073709551616", None),
+            ("-9223372036854775809", None),
+            ("1.5", None),
+            ("5.0", None),
+            ("1e3", None),
+            ("-0.0", None),
+            ("-0", None),
+            (r#""""#, None),
+            ("null", None),
+            ("true", None),
+            ("[1]", None),
+            (r#"{"id":"p"}"#, None),
+        ];
+        for (id, want) in cases {
+            for event_type in ["Settled", "Refund"] {
+                let body = format!(
+                    r#"{{"eventType":"{event_type}","category":"Purchase","created":"x","data":{{"id":{id}}}}}"#
+                );
+                let env = Envelope::parse(body.as_bytes()).unwrap();
+                assert_eq!(env.data.id("id").as_deref(), want, "{id}");
+                assert_eq!(env.payment_id().as_deref(), want, "{event_type} {id}");
+            }
+            // The same rule for `paymentId`; where `id` is no id, `paymentId` is the payment.
+            let body = format!(
+                r#"{{"eventType":"Settled","category":"Purchase","created":"x","data":{{"id":{id},"paymentId":{id}}}}}"#
+            );
+            let env = Envelope::parse(body.as_bytes()).unwrap();
+            assert_eq!(env.data.id("paymentId").as_deref(), want, "{id}");
+            let body = format!(
+                r#"{{"eventType":"Settled","category":"Purchase","created":"x","data":{{"id":{id},"paymentId":"p"}}}}"#
+            );
+            let env = Envelope::parse(body.as_bytes()).unwrap();
+            assert_eq!(
+                env.payment_id().as_deref(),
+                Some(want.unwrap_or("p")),
+                "{id}"
+            );
+        }
     }
 
     #[test]
