@@ -10,7 +10,7 @@
 //! honoured. Metrics are always readable as Prometheus text ([`prometheus_text`]).
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{BufWriter, IsTerminal};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -21,6 +21,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{Format, Writer};
@@ -50,7 +51,12 @@ pub enum TelemetryError {
 pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     meter_provider: SdkMeterProvider,
+    /// Dropped last: writes out the log lines still queued.
+    _log_writer: WorkerGuard,
 }
+
+/// Log lines queued for the writer at most (its channel is allocated whole at start).
+const LOG_QUEUE: usize = 8192;
 
 fn env_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
@@ -114,18 +120,27 @@ impl Telemetry {
             LogFormat::Human => false,
             LogFormat::Auto => !std::io::stderr().is_terminal(),
         };
+        // Log lines are written by a thread of their own, through a buffer flushed whenever
+        // the queue is empty: under load one write carries many lines, where a write per
+        // line was the largest cost of logging at `info`. Never lossy: a full queue makes
+        // the caller wait rather than drop a line.
+        let (writer, log_writer) = NonBlockingBuilder::default()
+            .lossy(false)
+            .buffered_lines_limit(LOG_QUEUE)
+            .thread_name("log-writer")
+            .finish(BufWriter::new(std::io::stderr()));
         let logs = if json {
             // The JSON lines print no span fields: formatting them at every span's start
             // would be wasted.
             fmt::layer()
                 .fmt_fields(NoFields)
                 .event_format(JsonWithTrace)
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .boxed()
         } else {
             fmt::layer()
                 .event_format(HumanWithTrace(Format::default()))
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .boxed()
         };
         // Only this system's spans become OpenTelemetry spans; the transport crates (the
@@ -160,6 +175,7 @@ impl Telemetry {
         Ok(Self {
             tracer_provider,
             meter_provider,
+            _log_writer: log_writer,
         })
     }
 

@@ -512,3 +512,80 @@ async fn readers_hold_only_their_own_pool_while_ingest_records() {
     assert!((1..=4).contains(&reads), "read connections: {reads}");
     assert!(writes >= 1, "write connections: {writes}");
 }
+
+/// PostgreSQL: a new ledger finds its rows through indexes from its first event. With no
+/// statistics yet (before autovacuum's first `ANALYZE`), the planner would read the ledger
+/// whole for every batch's lookups by payment, and keep doing so as it grows; every
+/// connection here forbids that (`enable_seqscan = off`). The scans are counted by the
+/// server itself, once the store's connections have closed and reported them.
+#[tokio::test]
+async fn a_new_postgres_ledger_is_searched_through_indexes_before_any_analyze() {
+    use coinflow_tests::db::Backend;
+    use sqlx::Connection;
+
+    /// Sequential scans of `events`, `ledger` and `plans`, once the server has counted
+    /// `inserts` rows into `counted` (so the closed connections' reports are in).
+    async fn scans(db: &TestDb, counted: &str, inserts: i64) -> Vec<i64> {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        for _ in 0..200 {
+            let inserted: i64 =
+                sqlx::query_scalar("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = $1")
+                    .bind(counted)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+            if inserted >= inserts {
+                let mut scans = Vec::new();
+                for table in ["events", "ledger", "plans"] {
+                    scans.push(
+                        sqlx::query_scalar(
+                            "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = $1",
+                        )
+                        .bind(table)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap(),
+                    );
+                }
+                return scans;
+            }
+            sqlx::query("SELECT pg_stat_clear_snapshot()")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{counted}: the server never counted {inserts} inserts");
+    }
+
+    let migrated_only = TestDb::new().await;
+    if migrated_only.backend != Backend::Postgres {
+        return; // SQLite's plans: `account_statements_search_the_ledger_by_index`.
+    }
+    drop(open(&migrated_only).await);
+    // What the migrations scan themselves (a backfill reads `events`).
+    let migrations = scans(&migrated_only, "_sqlx_migrations", 3).await;
+
+    let db = TestDb::new().await;
+    let (store, catalog) = open(&db).await;
+    let n = 3000;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let settled = proto(settled(&format!("new-{i}"), "sword", 500));
+            let decision = decide(&settled, &catalog);
+            tokio::spawn(async move { store.record(&settled, &decision).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().outcome, Outcome::Granted);
+    }
+    drop(store);
+    for counted in ["events", "ledger", "plans"] {
+        assert_eq!(
+            scans(&db, counted, n).await,
+            migrations,
+            "sequential scans of events, ledger and plans beyond the migrations' own"
+        );
+    }
+}
