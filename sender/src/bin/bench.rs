@@ -66,6 +66,10 @@ struct Cli {
     /// warnings only, or `TOKIO_WORKER_THREADS=1`). Repeatable.
     #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = key_value)]
     service_env: Vec<(String, String)>,
+    /// Measure the pipelines' rows this many times, SQLite's then PostgreSQL's each round:
+    /// the table shows the first round, the ratios are the rounds' medians.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Measure only the rows whose name contains this (and bare hyper, the baseline).
     #[arg(long)]
     only: Option<String>,
@@ -714,6 +718,7 @@ async fn new_ledger(name: &str, ledgers: &mut Ledgers, cli: &Cli) -> anyhow::Res
 async fn backend(
     label: &str,
     ledgers: &mut Ledgers,
+    with_full: bool,
     cli: &Cli,
 ) -> anyhow::Result<(Vec<Row>, Vec<f64>)> {
     let info = Shape {
@@ -743,7 +748,7 @@ async fn backend(
             None => new_ledger(&name, ledgers, cli).await?,
         });
     }
-    let full = if cli.preload > 0 && cli.full_rounds > 0 && cli.only.is_none() {
+    let full = if with_full && cli.preload > 0 && cli.full_rounds > 0 && cli.only.is_none() {
         full_ledger(label, ledgers, cli).await?
     } else {
         Vec::new()
@@ -805,21 +810,29 @@ async fn main() -> anyhow::Result<()> {
         dir: dir.clone(),
         made: 0,
     };
-    let (r, f) = backend("SQLite", &mut sqlite, &cli).await?;
-    rows.extend(r);
-    full.push(("SQLite", f));
-
-    if !cli.postgres.is_empty() {
-        let mut postgres = Ledgers::Postgres {
-            server: cli.postgres.clone(),
-            made: Vec::new(),
-        };
-        let result = backend("PostgreSQL", &mut postgres, &cli).await;
-        postgres.drop_all().await?;
-        let (r, f) = result?;
-        rows.extend(r);
-        full.push(("PostgreSQL", f));
+    let mut postgres = Ledgers::Postgres {
+        server: cli.postgres.clone(),
+        made: Vec::new(),
+    };
+    let mut rounds = Vec::with_capacity(cli.rounds);
+    for round in 0..cli.rounds.max(1) {
+        eprintln!("round {}/{}", round + 1, cli.rounds.max(1));
+        let (mut measured, f) = backend("SQLite", &mut sqlite, round == 0, &cli).await?;
+        if round == 0 {
+            full.push(("SQLite", f));
+        }
+        if !cli.postgres.is_empty() {
+            let result = backend("PostgreSQL", &mut postgres, round == 0, &cli).await;
+            postgres.drop_all().await?;
+            let (r, f) = result?;
+            measured.extend(r);
+            if round == 0 {
+                full.push(("PostgreSQL", f));
+            }
+        }
+        rounds.push(measured);
     }
+    let table: Vec<&Row> = rows.iter().chain(&rounds[0]).collect();
     let ratios = pairs(&cli, &dir).await?;
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -829,7 +842,7 @@ async fn main() -> anyhow::Result<()> {
         cli.concurrency, cli.rate
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
+    for r in &table {
         let rss: Vec<String> = r.rss.iter().map(|(n, m)| format!("{n} {m:.1}")).collect();
         println!(
             "| {} | {:.0} | {:.1}% | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} |",
@@ -847,7 +860,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "\nCPU time per event in the closed loop, µs (user + system; 2 cores give 2,000,000 µs/s):\n"
     );
-    for r in &rows {
+    for r in &table {
         let cpu: Vec<String> = r
             .cpu_us
             .iter()
@@ -864,7 +877,7 @@ async fn main() -> anyhow::Result<()> {
             println!("  - {process} by thread: {}", threads.join(", "));
         }
     }
-    println!("\n{}", targets(&rows));
+    println!("\n{}", targets(&rounds));
     for (name, ratios) in full {
         if !ratios.is_empty() {
             println!(
@@ -885,10 +898,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The ratios BENCHMARKS.md's targets are stated in, from this run's rows.
-fn targets(rows: &[Row]) -> String {
-    let find = |name: &str| rows.iter().find(|r| r.name == name);
-    let mut lines = vec!["Ratios of this run:".to_owned(), String::new()];
+/// The ratios BENCHMARKS.md's targets are stated in: each round's, then their median.
+fn targets(rounds: &[Vec<Row>]) -> String {
+    let mut lines = vec![
+        format!("Ratios over {} round(s):", rounds.len()),
+        String::new(),
+    ];
     for (what, of, to) in [
         (
             "PostgreSQL / SQLite pipeline",
@@ -921,12 +936,21 @@ fn targets(rows: &[Row]) -> String {
             "PostgreSQL pipeline",
         ),
     ] {
-        if let (Some(a), Some(b)) = (find(of), find(to)) {
+        let mut ratios = Vec::new();
+        let mut p99s = Vec::new();
+        for rows in rounds {
+            let find = |name: &str| rows.iter().find(|r| r.name == name);
+            if let (Some(a), Some(b)) = (find(of), find(to)) {
+                ratios.push(100.0 * a.throughput / b.throughput);
+                p99s.push(a.p99);
+            }
+        }
+        if !ratios.is_empty() {
+            let p99: Vec<String> = p99s.iter().map(|p| format!("{p:.2}")).collect();
             lines.push(format!(
-                "- {what}: {:.1}% of the throughput; p99 {:.2} ms vs {:.2} ms",
-                100.0 * a.throughput / b.throughput,
-                a.p99,
-                b.p99
+                "- {what}: {}; its p99 each round, ms: {}",
+                summary(&ratios),
+                p99.join(", ")
             ));
         }
     }

@@ -4,20 +4,23 @@
 //!
 //! One file per concern: this one opens the database (connections, migrations, the
 //! transaction and lock helpers, error classification, the retry loop, row mappers);
-//! `record` records webhook events (the sqlx path: PostgreSQL's, through `pg_batch`);
-//! `review` closes held payments; `consume` records spending; `queries` serves the
-//! reads. Every statement is one named constant, written once for both backends, with a
-//! PostgreSQL and a SQLite variant only where the two must differ; the only text computed
-//! at run time is the list of placeholders of a statement over several rows
-//! (`with_rows`).
+//! `record` holds what a review writes (a payment's stored state, its plan, its ledger
+//! entries); `pg_batch` records webhook events on PostgreSQL (group commit, on sqlx's
+//! PostgreSQL driver itself: its statements bind arrays, which `Any` cannot); `review`
+//! closes held payments; `consume` records spending; `queries` serves the reads. Every
+//! statement is one named constant, written once for both backends, with a PostgreSQL and
+//! a SQLite variant only where the two must differ; the only text computed at run time is
+//! the list of placeholders of a statement over several rows (`with_rows`).
 //!
 //! Connections: the reads (entitlements, payments, the ledger, the review queue, and every
 //! `WatchEntitlements` stream's polls) have a pool of their own, 4 connections, apart from
-//! the writes' (PostgreSQL: 16, shared by ingest's group-commit workers, reviews and
-//! spends; SQLite: its one sqlx writer, beside the webhook writer thread's own connection),
-//! so however many readers wait, they never hold a connection ingest needs. On PostgreSQL
-//! the two pools' connections report `fulfillment-svc/write` and `fulfillment-svc/read` as
-//! their `application_name` unless the URL sets one.
+//! the writes', so however many readers wait, they never hold a connection ingest needs.
+//! PostgreSQL's writes have two pools: webhook events a connection per group-commit worker
+//! (`pg_batch`), reviews and spends 4; SQLite's, its one sqlx writer beside the webhook
+//! writer thread's own connection. On PostgreSQL the pools' connections report
+//! `fulfillment-svc/ingest`, `fulfillment-svc/write` and `fulfillment-svc/read` as their
+//! `application_name` unless the URL sets one, and start with `enable_seqscan = off`
+//! ([`STATISTICS_FREE`]).
 //!
 //! Durability: SQLite runs in WAL mode. In WAL mode `synchronous = NORMAL` survives a
 //! killed process but may lose the last commits on power loss or an OS crash; a 200 to
@@ -332,8 +335,10 @@ const READERS: u32 = 4;
 /// Connections of PostgreSQL's write pool for reviews and spends (webhook events have
 /// their group-commit workers' own pool, a connection per worker).
 const POSTGRES_WRITERS: u32 = 4;
-/// The `application_name` of PostgreSQL's webhook-event pool.
-const INGEST_POOL_NAME: &str = "fulfillment-svc/ingest";
+/// The settings of the webhook-event workers' connections ([`pg_batch`]): those of every
+/// connection ([`STATISTICS_FREE`]), and generic plans (each statement's text is the same
+/// for any batch, and planned once).
+const INGEST_SETTINGS: &str = "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan";
 /// The `application_name` of PostgreSQL's write pool.
 const WRITE_POOL_NAME: &str = "fulfillment-svc/write";
 /// The `application_name` of PostgreSQL's read pool.
@@ -370,13 +375,9 @@ const SQLITE_WRITER: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FUL
      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 2000;";
 const SQLITE_READER: &str = "PRAGMA busy_timeout = 2000;";
 
-/// A ledger row read with [`ledger_columns!`], through either driver.
-fn ledger_entry<R: Row>(row: &R) -> Result<LedgerEntry, sqlx::Error>
-where
-    usize: sqlx::ColumnIndex<R>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
+/// A ledger row read with [`ledger_columns!`] (the webhook-event workers, on their own
+/// driver, have the same mapper for theirs: `pg_batch::ledger_entry`).
+fn ledger_entry(row: &AnyRow) -> Result<LedgerEntry, sqlx::Error> {
     Ok(LedgerEntry {
         seq: row.try_get(0)?,
         payment_id: row.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
@@ -515,25 +516,6 @@ async fn connect(
         .map_err(|e| StoreError::Setup(format!("connecting to {}: {e}", redact(url))))
 }
 
-/// The native PostgreSQL pool of the group-commit workers ([`pg_batch`]): a connection
-/// per worker, reporting [`INGEST_POOL_NAME`] as its `application_name` unless the URL
-/// names one.
-async fn connect_pg(url: &str) -> Result<sqlx::PgPool, StoreError> {
-    let mut options = sqlx::postgres::PgConnectOptions::from_str(url)
-        .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
-    if options.get_application_name().is_none() {
-        options = options.application_name(INGEST_POOL_NAME);
-    }
-    options = options.options([STATISTICS_FREE, ("plan_cache_mode", "force_generic_plan")]);
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(pg_batch::WORKERS)
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_with(options)
-        .await
-        .map_err(|e| StoreError::Setup(format!("connecting to {}: {e}", redact(url))))
-}
-
 impl SqlStore {
     /// Opens the database at `url`. SQLite files are created if missing; `migrations`
     /// says whether to apply pending migrations or require them done.
@@ -592,7 +574,7 @@ impl SqlStore {
             Backend::Sqlite => {
                 sqlite_writer::start(&sqlite_path(url), policy, Arc::clone(&core.commits))?
             }
-            Backend::Postgres => pg_batch::start(&core, connect_pg(url).await?),
+            Backend::Postgres => pg_batch::start(&core, url, INGEST_SETTINGS)?,
         };
         Ok(Self { core, events })
     }

@@ -1,34 +1,43 @@
-//! PostgreSQL's write path for webhook events: group commit on the PostgreSQL driver
-//! itself (not sqlx's `Any`), so that every statement binds whole columns as arrays and
-//! keeps one text whatever the batch's size: each is parsed and planned once per
-//! connection, then only bound and run.
+//! PostgreSQL's write path for webhook events: group commit over `tokio-postgres`, whose
+//! client pipelines (sends a statement without waiting for the answer to the one before).
+//! A batch costs two round trips whatever its size: `BEGIN`, [`LOCK_PAYMENTS`] and
+//! [`LOAD`] (every event's stored state, in one read) go out together; then, once the
+//! events are reconciled here, [`INSERT_EVENTS`] (events and new plans),
+//! [`INSERT_ENTRIES`] (takes the ledger-append lock, then writes every entry) and
+//! `COMMIT`. The server runs them in order, each statement with a snapshot of its own
+//! (`READ COMMITTED`), so the read sees everything committed before the locks were
+//! granted. The append lock is held from the first entry to the commit, so `seq` order
+//! stays commit order; with `COMMIT` pipelined behind the entries, it is held for no client
+//! round trip (sqlx, which the rest of the store uses, waits for every answer: holding the
+//! lock across that round trip made the lock a convoy on busy cores). Every statement
+//! binds whole columns as arrays and keeps one text whatever the batch's size, so each is
+//! prepared once per connection and planned generically.
 //!
-//! A few workers each take what is queued (up to [`BATCH`] events, at most one per
-//! payment) and record it in one transaction of five statements, whatever its size:
-//! [`LOCK_PAYMENTS`], [`LOAD`] (every event's stored state, in one read), [`INSERT_EVENTS`]
-//! (events and new plans), [`INSERT_ENTRIES`] (takes the ledger-append lock, then writes
-//! every entry), and the commit; only then are the events answered. The append lock is
-//! held from the first entry to the commit, so `seq` order stays commit order; taking it
-//! last keeps that window short and lets the workers overlap the rest. If anything in a
-//! batch fails (a race lost to another replica, a bad row), the batch rolls back and each
-//! of its events is recorded in a transaction of its own (a lost race comes back as a
-//! conflict, which [`super::SqlStore`] retries), so one event's error stays its own.
-
+//! A few workers, each with a connection of its own, take what is queued (up to [`BATCH`]
+//! events, at most one per payment) and answer the events only after the commit. If
+//! anything in a batch fails (a race lost to another replica, a bad row), the batch rolls
+//! back and each of its events is recorded in a transaction of its own (a lost race comes
+//! back as a conflict, which [`super::SqlStore`] retries), so one event's error stays its
+//! own.
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use coinflow_shared::proto::v1::{LedgerEntry, WebhookEvent};
-use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{PgConnection, Row};
+use futures::future::join3;
 use tokio::sync::{Mutex, mpsc};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::record::plan_from;
-use super::{ADVISORY_LEDGER_APPEND, Core, StoreError, classify, ledger_entry};
+use super::{ADVISORY_LEDGER_APPEND, Core, StoreError, redact};
 use crate::decision::{Decision, GrantPlan};
 use crate::store::queue::{self, Job, Queue};
 use crate::store::reconcile::{Delta, Held, Stored, apply};
-use crate::store::{Ack, EventDetail, actor, micros, origin, outcome_from_name, outcome_name};
+use crate::store::{
+    Ack, EventDetail, actor, micros, origin, outcome_from_name, outcome_name, timestamp,
+};
 
 /// The most events one transaction takes.
 pub const BATCH: usize = 64;
@@ -37,7 +46,7 @@ pub const BATCH: usize = 64;
 /// make larger batches: on two cores, 4 recorded 45% more events per second than 8 (most
 /// of a transaction's cost is per statement, not per row), and 2 no more than 4
 /// (BENCHMARKS.md).
-pub(super) const WORKERS: u32 = 4;
+const WORKERS: u32 = 4;
 
 /// Takes a transaction-scoped advisory lock per payment (`$1`, sorted, so that two
 /// transactions taking several never deadlock: `unnest` keeps the array's order).
@@ -105,20 +114,38 @@ const INSERT_ENTRIES: &str = concat!(
     ledger_columns!()
 );
 
-/// Starts the workers on the current tokio runtime, on `pool` (at least [`WORKERS`]
-/// connections). Events recorded through the returned queue are answered once their
-/// transaction commits; dropping the queue stops the workers once it is empty.
-pub(super) fn start(core: &Arc<Core>, pool: PgPool) -> Queue {
+/// Starts the workers on the current tokio runtime, each connecting to the database at
+/// `url` as it needs (`settings`: the connections' `-c` options). Events recorded through
+/// the returned queue are answered once their transaction commits; dropping the queue
+/// stops the workers once it is empty.
+pub(super) fn start(core: &Arc<Core>, url: &str, settings: &str) -> Result<Queue, StoreError> {
+    let mut config: Config = url
+        .parse()
+        .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
+    if config.get_application_name().is_none() {
+        config.application_name(INGEST_POOL_NAME);
+    }
+    config.options(settings).connect_timeout(CONNECT_TIMEOUT);
+    let config = Arc::new(config);
     let (queue, waiting) = queue::channel(4 * BATCH);
     let intake = Arc::new(Mutex::new(Intake {
         queue: waiting,
         carried: Vec::new(),
     }));
     for _ in 0..WORKERS {
-        tokio::spawn(work(Arc::clone(core), pool.clone(), Arc::clone(&intake)));
+        tokio::spawn(work(
+            Arc::clone(core),
+            Arc::clone(&config),
+            Arc::clone(&intake),
+        ));
     }
-    queue
+    Ok(queue)
 }
+
+/// The `application_name` of the workers' connections.
+const INGEST_POOL_NAME: &str = "fulfillment-svc/ingest";
+/// How long a worker waits for a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The queue, and the events held back because their payment was already in a batch.
 struct Intake {
@@ -157,13 +184,41 @@ impl Intake {
     }
 }
 
-async fn work(core: Arc<Core>, pool: PgPool, intake: Arc<Mutex<Intake>>) {
+/// A worker's connection, with its statements prepared.
+struct Conn {
+    client: Client,
+    lock: Statement,
+    load: Statement,
+    insert_events: Statement,
+    insert_entries: Statement,
+}
+
+impl Conn {
+    async fn open(config: &Config) -> Result<Self, StoreError> {
+        let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "an ingest connection to PostgreSQL closed");
+            }
+        });
+        Ok(Self {
+            lock: client.prepare(LOCK_PAYMENTS).await.map_err(pg_error)?,
+            load: client.prepare(LOAD).await.map_err(pg_error)?,
+            insert_events: client.prepare(INSERT_EVENTS).await.map_err(pg_error)?,
+            insert_entries: client.prepare(INSERT_ENTRIES).await.map_err(pg_error)?,
+            client,
+        })
+    }
+}
+
+async fn work(core: Arc<Core>, config: Arc<Config>, intake: Arc<Mutex<Intake>>) {
+    let mut conn: Option<Conn> = None;
     loop {
         let Some(batch) = intake.lock().await.next().await else {
             return;
         };
         let events: Vec<_> = batch.iter().map(|j| (&j.event, &j.decision)).collect();
-        match record(&core, &pool, &events).await {
+        match record(&core, &config, &mut conn, &events).await {
             Ok(acks) => {
                 for (job, ack) in batch.into_iter().zip(acks) {
                     core.notify(&ack.entries);
@@ -174,50 +229,87 @@ async fn work(core: Arc<Core>, pool: PgPool, intake: Arc<Mutex<Intake>>) {
                 tracing::debug!(error = %e, events = batch.len(),
                     "batch rolled back; recording its events one by one");
                 for job in batch {
-                    let (core, pool) = (Arc::clone(&core), pool.clone());
-                    tokio::spawn(async move {
-                        let ack = record(&core, &pool, &[(&job.event, &job.decision)])
-                            .await
-                            .and_then(|mut acks| {
-                                acks.pop().ok_or_else(|| {
-                                    StoreError::Setup("recording an event returned no ack".into())
-                                })
-                            });
-                        if let Ok(ack) = &ack {
-                            core.notify(&ack.entries);
-                        }
-                        let _ = job.reply.send(ack);
-                    });
+                    let ack = record(&core, &config, &mut conn, &[(&job.event, &job.decision)])
+                        .await
+                        .and_then(|mut acks| {
+                            acks.pop().ok_or_else(|| {
+                                StoreError::Setup("recording an event returned no ack".into())
+                            })
+                        });
+                    if let Ok(ack) = &ack {
+                        core.notify(&ack.entries);
+                    }
+                    let _ = job.reply.send(ack);
                 }
             }
         }
     }
 }
 
-/// Records `events` (no two sharing a payment or an event key) in one transaction and
-/// returns each one's ack, in order.
+/// Records `events` (no two sharing a payment or an event key) in one transaction on
+/// `conn` (opened first if there is none, or it closed) and returns each one's ack, in
+/// order.
 async fn record(
     core: &Core,
-    pool: &PgPool,
+    config: &Config,
+    conn: &mut Option<Conn>,
     events: &[(&WebhookEvent, &Decision)],
 ) -> Result<Vec<Ack>, StoreError> {
-    let mut tx = pool.begin().await.map_err(classify)?;
+    let open = match conn.take() {
+        Some(open) if !open.client.is_closed() => open,
+        _ => Conn::open(config).await?,
+    };
+    let acks = transaction(core, &open, events).await;
+    *conn = Some(open);
+    acks
+}
+
+/// [`record`]'s transaction: two pipelined round trips.
+async fn transaction(
+    core: &Core,
+    conn: &Conn,
+    events: &[(&WebhookEvent, &Decision)],
+) -> Result<Vec<Ack>, StoreError> {
     let payments: Vec<&str> = events
         .iter()
         .filter_map(|(e, _)| e.payment_id.as_deref())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    if !payments.is_empty() {
-        sqlx::query(LOCK_PAYMENTS)
-            .bind(&payments)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-    }
     let keys: Vec<&str> = events.iter().map(|(e, _)| e.event_key.as_str()).collect();
-    let (mut existing, mut stored) = load(&mut tx, &keys, &payments).await?;
+    let client = &conn.client;
+    // `join3` polls in order, so the statements go out in order, before any answer.
+    let (begun, locked, loaded) = join3(
+        client.batch_execute("BEGIN"),
+        client.execute(&conn.lock, &[&payments]),
+        client.query(&conn.load, &[&keys, &payments]),
+    )
+    .await;
+    let written = match (begun, locked, loaded) {
+        (Ok(()), Ok(_), Ok(rows)) => write(core, conn, events, &payments, &rows).await,
+        (begun, locked, loaded) => Err(begun
+            .err()
+            .or(locked.err())
+            .or(loaded.err())
+            .map_or_else(|| StoreError::Setup("no error".into()), pg_error)),
+    };
+    if written.is_err() {
+        // Whatever failed, the transaction ends here (after a pipelined `COMMIT` that rolled
+        // back, this only draws a warning), so the connection can take the next one.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    written
+}
 
+/// Reconciles `events` with what [`LOAD`] returned, then writes them and commits.
+async fn write(
+    core: &Core,
+    conn: &Conn,
+    events: &[(&WebhookEvent, &Decision)],
+    payments: &[&str],
+    loaded: &[Row],
+) -> Result<Vec<Ack>, StoreError> {
+    let (mut existing, mut stored) = stored(loaded, payments)?;
     let now = micros(SystemTime::now());
     let mut acks = Vec::with_capacity(events.len());
     let mut new_events = NewEvents::default();
@@ -259,40 +351,48 @@ async fn record(
             item: effect.plan.as_ref().map(|plan| plan.item.clone()),
         });
     }
-    if !new_events.key.is_empty() {
-        new_events
-            .bind(sqlx::query(INSERT_EVENTS), now, &new_plans)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-    }
-    if !entries.payment.is_empty() {
-        let rows = entries
-            .bind(sqlx::query(INSERT_ENTRIES), now)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let mut written: Vec<LedgerEntry> = rows
-            .iter()
-            .map(ledger_entry::<PgRow>)
-            .collect::<Result<_, _>>()
-            .map_err(classify)?;
-        written.sort_by_key(|e| e.seq);
-        for entry in written {
-            if let Some(&i) = appending.get(&entry.payment_id) {
-                acks[i].entries.push(entry);
+    let client = &conn.client;
+    let event_params = new_events.params(&now, &new_plans);
+    let entry_params = entries.params(&now);
+    let (inserted, appended, committed) = join3(
+        async {
+            if new_events.key.is_empty() {
+                return Ok(0);
             }
+            client.execute(&conn.insert_events, &event_params).await
+        },
+        async {
+            if entries.payment.is_empty() {
+                return Ok(Vec::new());
+            }
+            client.query(&conn.insert_entries, &entry_params).await
+        },
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    // A failed statement aborts the transaction, and the `COMMIT` behind it rolls back.
+    inserted.map_err(pg_error)?;
+    let rows = appended.map_err(pg_error)?;
+    committed.map_err(pg_error)?;
+    let mut written: Vec<LedgerEntry> = rows
+        .iter()
+        .map(ledger_entry)
+        .collect::<Result<_, _>>()
+        .map_err(pg_error)?;
+    written.sort_by_key(|e| e.seq);
+    for entry in written {
+        if let Some(&i) = appending.get(&entry.payment_id) {
+            acks[i].entries.push(entry);
         }
     }
-    tx.commit().await.map_err(classify)?;
     Ok(acks)
 }
 
-/// The outcomes of `keys` already recorded, and what each of `payments` has on record
-/// (the default for a payment with nothing yet): one [`LOAD`].
-async fn load(
-    conn: &mut PgConnection,
-    keys: &[&str],
+/// What [`LOAD`] returned: the outcomes of the event keys already recorded, and what each
+/// of `payments` has on record (the default for a payment with nothing yet).
+#[allow(clippy::type_complexity)]
+fn stored(
+    rows: &[Row],
     payments: &[&str],
 ) -> Result<
     (
@@ -301,21 +401,15 @@ async fn load(
     ),
     StoreError,
 > {
-    let rows = sqlx::query(LOAD)
-        .bind(keys)
-        .bind(payments)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(classify)?;
     let mut existing = HashMap::new();
     let mut stored: HashMap<String, Stored> = payments
         .iter()
         .map(|p| ((*p).to_owned(), Stored::default()))
         .collect();
-    let text = |row: &PgRow, i: usize| row.try_get::<Option<String>, _>(i).map_err(classify);
-    for row in &rows {
-        let tag: String = row.try_get(0).map_err(classify)?;
-        let a: String = row.try_get(1).map_err(classify)?;
+    let text = |row: &Row, i: usize| row.try_get::<_, Option<String>>(i).map_err(pg_error);
+    for row in rows {
+        let tag: String = row.try_get(0).map_err(pg_error)?;
+        let a: String = row.try_get(1).map_err(pg_error)?;
         if tag == "e" {
             let outcome = text(row, 2)?.unwrap_or_default();
             existing.insert(a, (outcome, text(row, 3)?));
@@ -345,7 +439,7 @@ async fn load(
             }
             _ => {
                 let sku = text(row, 2)?.unwrap_or_default();
-                let net: i64 = row.try_get(7).map_err(classify)?;
+                let net: i64 = row.try_get(7).map_err(pg_error)?;
                 payment.current.insert(sku, Held { net, touched: true });
             }
         }
@@ -353,7 +447,51 @@ async fn load(
     Ok((existing, stored))
 }
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+/// A row of [`INSERT_ENTRIES`]' `RETURNING`, in `ledger_columns!`'s order.
+fn ledger_entry(row: &Row) -> Result<LedgerEntry, tokio_postgres::Error> {
+    Ok(LedgerEntry {
+        seq: row.try_get(0)?,
+        payment_id: row.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
+        kind: row.try_get(2)?,
+        sku: row.try_get(3)?,
+        quantity: row.try_get(4)?,
+        wallet: row.try_get(5)?,
+        raw_customer_id: row.try_get(6)?,
+        item: row.try_get(7)?,
+        event_key: row.try_get::<_, Option<String>>(8)?.unwrap_or_default(),
+        recorded_at: Some(timestamp(row.try_get(9)?)),
+        catalog_version: row.try_get(10)?,
+        actor: row.try_get(11)?,
+        note: row.try_get(12)?,
+    })
+}
+
+/// The [`StoreError`] of a `tokio-postgres` error, classified as sqlx's are
+/// ([`super::classify`]): a lost race is a conflict (retried), a connection or server
+/// failure transient, anything else internal.
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    let code = e.code().cloned();
+    let error = sqlx::Error::Protocol(e.to_string());
+    match code {
+        Some(c)
+            if c == SqlState::UNIQUE_VIOLATION
+                || c == SqlState::T_R_SERIALIZATION_FAILURE
+                || c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
+            StoreError::Conflict(error)
+        }
+        Some(c)
+            if ["08", "53", "57"]
+                .iter()
+                .any(|class| c.code().starts_with(class)) =>
+        {
+            StoreError::Unavailable(error)
+        }
+        // No SQLSTATE: the connection failed, closed or timed out.
+        None => StoreError::Unavailable(error),
+        Some(_) => StoreError::Internal(error),
+    }
+}
 
 /// [`INSERT_EVENTS`]' event columns.
 #[derive(Default)]
@@ -403,29 +541,31 @@ impl<'a> NewEvents<'a> {
         self.origin.push(origin(event));
     }
 
-    fn bind<'q>(&'q self, query: Query<'q>, now: i64, plans: &'q NewPlans) -> Query<'q> {
-        query
-            .bind(&self.key)
-            .bind(&self.event_type)
-            .bind(&self.category)
-            .bind(&self.created_raw)
-            .bind(&self.payment_id)
-            .bind(&self.wallet)
-            .bind(&self.raw_customer_id)
-            .bind(&self.refund_status)
-            .bind(&self.chargeback_id)
-            .bind(&self.outcome)
-            .bind(&self.held_reason)
-            .bind(&self.received_at)
-            .bind(&self.raw_body)
-            .bind(&self.origin)
-            .bind(now)
-            .bind(&plans.payment_id)
-            .bind(&plans.item)
-            .bind(&plans.catalog_version)
-            .bind(&plans.grants)
-            .bind(&plans.wallet)
-            .bind(&plans.raw_customer_id)
+    /// [`INSERT_EVENTS`]' parameters, `$1` to `$21`.
+    fn params<'p>(&'p self, now: &'p i64, plans: &'p NewPlans) -> [&'p (dyn ToSql + Sync); 21] {
+        [
+            &self.key,
+            &self.event_type,
+            &self.category,
+            &self.created_raw,
+            &self.payment_id,
+            &self.wallet,
+            &self.raw_customer_id,
+            &self.refund_status,
+            &self.chargeback_id,
+            &self.outcome,
+            &self.held_reason,
+            &self.received_at,
+            &self.raw_body,
+            &self.origin,
+            now,
+            &plans.payment_id,
+            &plans.item,
+            &plans.catalog_version,
+            &plans.grants,
+            &plans.wallet,
+            &plans.raw_customer_id,
+        ]
     }
 }
 
@@ -488,20 +628,22 @@ impl NewEntries {
         }
     }
 
-    fn bind<'q>(&'q self, query: Query<'q>, now: i64) -> Query<'q> {
-        query
-            .bind(ADVISORY_LEDGER_APPEND)
-            .bind(&self.payment)
-            .bind(&self.offset)
-            .bind(&self.kind)
-            .bind(&self.sku)
-            .bind(&self.quantity)
-            .bind(&self.wallet)
-            .bind(&self.raw_customer_id)
-            .bind(&self.item)
-            .bind(&self.catalog_version)
-            .bind(&self.event_key)
-            .bind(&self.actor)
-            .bind(now)
+    /// [`INSERT_ENTRIES`]' parameters, `$1` to `$13`.
+    fn params<'p>(&'p self, now: &'p i64) -> [&'p (dyn ToSql + Sync); 13] {
+        [
+            &ADVISORY_LEDGER_APPEND,
+            &self.payment,
+            &self.offset,
+            &self.kind,
+            &self.sku,
+            &self.quantity,
+            &self.wallet,
+            &self.raw_customer_id,
+            &self.item,
+            &self.catalog_version,
+            &self.event_key,
+            &self.actor,
+            now,
+        ]
     }
 }
