@@ -1,13 +1,14 @@
 //! The SQL backends behind [`Store`]: embedded SQLite (the default, one process) and
 //! PostgreSQL (several replicas sharing one ledger), one implementation over sqlx's `Any`
-//! driver, chosen by the URL scheme. Queries use `$n` placeholders, which both accept.
+//! driver, chosen by the URL scheme (PostgreSQL's webhook events excepted: `pg_batch`).
+//! Queries use `$n` placeholders, which both accept.
 //!
 //! One file per concern: this one opens the database (connections, migrations, the
 //! transaction and lock helpers, error classification, the retry loop, row mappers);
 //! `record` holds what a review writes (a payment's stored state, its plan, its ledger
-//! entries); `pg_batch` records webhook events on PostgreSQL (group commit, on sqlx's
-//! PostgreSQL driver itself: its statements bind arrays, which `Any` cannot); `review`
-//! closes held payments; `consume` records spending; `queries` serves the reads. Every
+//! entries); `pg_batch` records webhook events on PostgreSQL (group commit over
+//! `tokio-postgres`, which pipelines a transaction's statements; sqlx waits for each);
+//! `review` closes held payments; `consume` records spending; `queries` serves the reads. Every
 //! statement is one named constant, written once for both backends, with a PostgreSQL and
 //! a SQLite variant only where the two must differ; the only text computed at run time is
 //! the list of placeholders of a statement over several rows (`with_rows`).
@@ -15,9 +16,9 @@
 //! Connections: the reads (entitlements, payments, the ledger, the review queue, and every
 //! `WatchEntitlements` stream's polls) have a pool of their own, 4 connections, apart from
 //! the writes', so however many readers wait, they never hold a connection ingest needs.
-//! PostgreSQL's writes have two pools: webhook events a connection per group-commit worker
-//! (`pg_batch`), reviews and spends 4; SQLite's, its one sqlx writer beside the webhook
-//! writer thread's own connection. On PostgreSQL the pools' connections report
+//! PostgreSQL's writes have two: webhook events a connection per group-commit worker
+//! (`pg_batch`), reviews and spends a pool of 4; SQLite's, its one sqlx writer beside the
+//! webhook writer thread's own connection. On PostgreSQL the connections report
 //! `fulfillment-svc/ingest`, `fulfillment-svc/write` and `fulfillment-svc/read` as their
 //! `application_name` unless the URL sets one, and start with `enable_seqscan = off`
 //! ([`STATISTICS_FREE`]).

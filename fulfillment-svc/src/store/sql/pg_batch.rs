@@ -42,10 +42,9 @@ use crate::store::{
 /// The most events one transaction takes.
 pub const BATCH: usize = 64;
 
-/// Transactions in flight at once, each on its own connection of the pool. Fewer workers
-/// make larger batches: on two cores, 4 recorded 45% more events per second than 8 (most
-/// of a transaction's cost is per statement, not per row), and 2 no more than 4
-/// (BENCHMARKS.md).
+/// Transactions in flight at once, each on a connection of its own. Fewer workers make
+/// larger batches: on two cores, 4 recorded 25% more events per second than 8 (most of a
+/// transaction's cost is per statement, not per row), and 2 fewer than 4 (BENCHMARKS.md).
 const WORKERS: u32 = 4;
 
 /// Takes a transaction-scoped advisory lock per payment (`$1`, sorted, so that two
@@ -125,7 +124,11 @@ pub(super) fn start(core: &Arc<Core>, url: &str, settings: &str) -> Result<Queue
     if config.get_application_name().is_none() {
         config.application_name(INGEST_POOL_NAME);
     }
-    config.options(settings).connect_timeout(CONNECT_TIMEOUT);
+    let options = match config.get_options() {
+        Some(own) => format!("{own} {settings}"),
+        None => settings.to_owned(),
+    };
+    config.options(options).connect_timeout(CONNECT_TIMEOUT);
     let config = Arc::new(config);
     let (queue, waiting) = queue::channel(4 * BATCH);
     let intake = Arc::new(Mutex::new(Intake {
