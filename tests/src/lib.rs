@@ -300,6 +300,16 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
+/// A secret no other test process holds: for a service restarted on a fixed port, whose
+/// port another test's service may take while it is down. With the shared test tokens and
+/// keys, a delivery could then land in that test's ledger; with this one it is refused
+/// there, and retried.
+pub fn unique_secret(role: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{role}-{}-{n}", std::process::id())
+}
+
 /// A port that was free a moment ago (for a service that starts later).
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

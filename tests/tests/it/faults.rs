@@ -12,15 +12,20 @@ use coinflow_tests::db::Backend;
 use coinflow_tests::http::Http;
 use coinflow_tests::model::{self, ModelCatalog};
 use coinflow_tests::process::Proc;
-use coinflow_tests::{KEY, TestDb};
+use coinflow_tests::{KEY, TestDb, unique_secret};
 use http::StatusCode;
 use sqlx::Row;
 
 pub(crate) fn sender(url: &str) -> Sender {
+    sender_signing(url, KEY)
+}
+
+/// [`sender`], signing with `key`.
+pub(crate) fn sender_signing(url: &str, key: &str) -> Sender {
     Sender::new(
         Target {
             url: url.to_owned(),
-            key: KEY.into(),
+            key: key.into(),
             authorization: false,
             compress: 2000.0,
             attempts: 16,
@@ -103,12 +108,19 @@ async fn wait_for_acks(sender: &Sender, at_least: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fulfillment_killed_twice_under_load_loses_and_doubles_nothing() {
     let db = TestDb::new().await;
-    let mut fulfillment = Proc::fulfillment(&db).await;
+    // Restarted on its port: while it is down, another test's fulfillment may take the
+    // port, and must refuse this edge's deliveries.
+    let token = unique_secret("ingest");
+    let own = [("FULFILLMENT_INGEST_TOKENS", token.as_str())];
+    let mut fulfillment = Proc::fulfillment_env(&db, &own).await;
     let listen = fulfillment.addr.to_string();
     let edge = Proc::edge(
         fulfillment.addr,
         KEY,
-        &[("EDGE_DELIVER_DEADLINE_MS", "1000")],
+        &[
+            ("EDGE_DELIVER_DEADLINE_MS", "1000"),
+            ("EDGE_INGEST_TOKEN", token.as_str()),
+        ],
     )
     .await;
     let sender = sender(&format!("http://{}/webhooks/coinflow", edge.addr));
@@ -128,7 +140,7 @@ async fn fulfillment_killed_twice_under_load_loses_and_doubles_nothing() {
         fulfillment.kill9().await;
         // Down for longer than the edge's 1 s deadline, so Coinflow sees 503s and retries.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        fulfillment = Proc::fulfillment_env(&db, &[("FULFILLMENT_LISTEN", &listen)]).await;
+        fulfillment = Proc::fulfillment_env(&db, &[own[0], ("FULFILLMENT_LISTEN", &listen)]).await;
     }
     let logged = run.await.unwrap();
     assert!(
@@ -143,9 +155,12 @@ async fn fulfillment_killed_twice_under_load_loses_and_doubles_nothing() {
 async fn edge_killed_mid_request_loses_and_doubles_nothing() {
     let db = TestDb::new().await;
     let fulfillment = Proc::fulfillment(&db).await;
-    let mut edge = Proc::edge(fulfillment.addr, KEY, &[]).await;
+    // Restarted on its port: while it is down, another test's edge may take the port, and
+    // must refuse this sender's deliveries.
+    let key = unique_secret("cf_whk");
+    let mut edge = Proc::edge(fulfillment.addr, &key, &[]).await;
     let listen = edge.addr.to_string();
-    let sender = sender(&format!("http://{listen}/webhooks/coinflow"));
+    let sender = sender_signing(&format!("http://{listen}/webhooks/coinflow"), &key);
     let bodies = generate(&Traffic {
         payments: 200,
         duplicate_ratio: 0.2,
@@ -160,7 +175,7 @@ async fn edge_killed_mid_request_loses_and_doubles_nothing() {
     wait_for_acks(&sender, 150).await;
     edge.kill9().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _edge = Proc::edge(fulfillment.addr, KEY, &[("EDGE_LISTEN", &listen)]).await;
+    let _edge = Proc::edge(fulfillment.addr, &key, &[("EDGE_LISTEN", &listen)]).await;
     let logged = run.await.unwrap();
     assert!(
         sender.report().statuses.contains_key("error"),

@@ -16,7 +16,7 @@ use coinflow_lazyfs::LazyFs;
 use coinflow_sender::generate::{Traffic, generate};
 use coinflow_tests::db::{Backend, backend};
 use coinflow_tests::process::Proc;
-use coinflow_tests::{KEY, TestDb, free_addr};
+use coinflow_tests::{KEY, TestDb, free_addr, unique_secret};
 
 use crate::faults::{sender, verify};
 
@@ -25,9 +25,17 @@ fn strict() -> bool {
     std::env::var("COINFLOW_STRICT").as_deref() == Ok("1")
 }
 
-/// fulfillment-svc over `db`, always on `listen`, so the edge finds it after a restart.
-async fn start(db: &TestDb, listen: &str) -> Proc {
-    Proc::fulfillment_env(db, &[("FULFILLMENT_LISTEN", listen)]).await
+/// fulfillment-svc over `db`, always on `listen`, so the edge finds it after a restart,
+/// taking only `token` (another test's service may take the port while it is down).
+async fn start(db: &TestDb, listen: &str, token: &str) -> Proc {
+    Proc::fulfillment_env(
+        db,
+        &[
+            ("FULFILLMENT_LISTEN", listen),
+            ("FULFILLMENT_INGEST_TOKENS", token),
+        ],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,11 +55,15 @@ async fn a_power_loss_after_any_200_loses_nothing() {
     let mut disk = LazyFs::mount(&backing, &mount).unwrap();
     let db = TestDb::sqlite_in(&mount);
     let listen = free_addr().to_string();
-    let mut fulfillment = start(&db, &listen).await;
+    let token = unique_secret("ingest");
+    let mut fulfillment = start(&db, &listen, &token).await;
     let edge = Proc::edge(
         fulfillment.addr,
         KEY,
-        &[("EDGE_DELIVER_DEADLINE_MS", "1000")],
+        &[
+            ("EDGE_DELIVER_DEADLINE_MS", "1000"),
+            ("EDGE_INGEST_TOKEN", token.as_str()),
+        ],
     )
     .await;
     let sender = sender(&format!("http://{}/webhooks/coinflow", edge.addr));
@@ -80,7 +92,7 @@ async fn a_power_loss_after_any_200_loses_nothing() {
         fulfillment.kill9().await;
         disk.crash().unwrap();
         dropped += disk.stats().dropped_bytes;
-        fulfillment = start(&db, &listen).await;
+        fulfillment = start(&db, &listen, &token).await;
     }
     let logged = run.await.unwrap();
     let tail: Vec<String> = fulfillment
