@@ -132,6 +132,32 @@ macro_rules! in_account {
     };
 }
 
+/// The [`LedgerEntry`] of a row read with [`ledger_columns!`], through either driver's
+/// `try_get` (sqlx here, `tokio-postgres` in `pg_batch`); evaluates to a `Result`, the
+/// driver's error type.
+macro_rules! ledger_entry_of {
+    ($row:expr) => {{
+        let row = $row;
+        let payment_id: Option<String> = row.try_get(1)?;
+        let event_key: Option<String> = row.try_get(8)?;
+        Ok(LedgerEntry {
+            seq: row.try_get(0)?,
+            payment_id: payment_id.unwrap_or_default(),
+            kind: row.try_get(2)?,
+            sku: row.try_get(3)?,
+            quantity: row.try_get(4)?,
+            wallet: row.try_get(5)?,
+            raw_customer_id: row.try_get(6)?,
+            item: row.try_get(7)?,
+            event_key: event_key.unwrap_or_default(),
+            recorded_at: Some(timestamp(row.try_get(9)?)),
+            catalog_version: row.try_get(10)?,
+            actor: row.try_get(11)?,
+            note: row.try_get(12)?,
+        })
+    }};
+}
+
 mod consume;
 mod pg_batch;
 mod queries;
@@ -339,7 +365,8 @@ const POSTGRES_WRITERS: u32 = 4;
 /// The settings of the webhook-event workers' connections ([`pg_batch`]): those of every
 /// connection ([`STATISTICS_FREE`]), and generic plans (each statement's text is the same
 /// for any batch, and planned once).
-const INGEST_SETTINGS: &str = "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan";
+const INGEST_SETTINGS: [(&str, &str); 2] =
+    [STATISTICS_FREE, ("plan_cache_mode", "force_generic_plan")];
 /// The `application_name` of PostgreSQL's write pool.
 const WRITE_POOL_NAME: &str = "fulfillment-svc/write";
 /// The `application_name` of PostgreSQL's read pool.
@@ -363,10 +390,9 @@ const LAST_SEQ: &str = "SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM ledger
 const BEGIN_SQLITE: &str = "BEGIN IMMEDIATE";
 /// Begins a write transaction (PostgreSQL).
 const BEGIN_POSTGRES: &str = "BEGIN";
-/// Takes a transaction-scoped advisory lock per key, in the order listed (PostgreSQL):
-/// followed by one `($n)` row per key, then [`LOCK_KEYS_TAIL`].
-const LOCK_KEYS: &str = "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM (VALUES";
-const LOCK_KEYS_TAIL: &str = ") AS v(k)";
+/// Takes a payment's transaction-scoped advisory lock (PostgreSQL; the same key as
+/// `pg_batch`'s locks of a batch's payments).
+const LOCK_PAYMENT: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
 /// Takes the ledger-append lock, held to commit (PostgreSQL).
 const LOCK_APPENDS: &str = "SELECT pg_advisory_xact_lock($1)";
 /// Whether the database answers.
@@ -376,24 +402,8 @@ const SQLITE_WRITER: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FUL
      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 2000;";
 const SQLITE_READER: &str = "PRAGMA busy_timeout = 2000;";
 
-/// A ledger row read with [`ledger_columns!`] (the webhook-event workers, on their own
-/// driver, have the same mapper for theirs: `pg_batch::ledger_entry`).
 fn ledger_entry(row: &AnyRow) -> Result<LedgerEntry, sqlx::Error> {
-    Ok(LedgerEntry {
-        seq: row.try_get(0)?,
-        payment_id: row.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
-        kind: row.try_get(2)?,
-        sku: row.try_get(3)?,
-        quantity: row.try_get(4)?,
-        wallet: row.try_get(5)?,
-        raw_customer_id: row.try_get(6)?,
-        item: row.try_get(7)?,
-        event_key: row.try_get::<Option<String>, _>(8)?.unwrap_or_default(),
-        recorded_at: Some(timestamp(row.try_get(9)?)),
-        catalog_version: row.try_get(10)?,
-        actor: row.try_get(11)?,
-        note: row.try_get(12)?,
-    })
+    ledger_entry_of!(row)
 }
 
 fn ledger_entries(rows: &[AnyRow]) -> Result<Vec<LedgerEntry>, StoreError> {
@@ -575,7 +585,7 @@ impl SqlStore {
             Backend::Sqlite => {
                 sqlite_writer::start(&sqlite_path(url), policy, Arc::clone(&core.commits))?
             }
-            Backend::Postgres => pg_batch::start(&core, url, INGEST_SETTINGS)?,
+            Backend::Postgres => pg_batch::start(&core, url, &INGEST_SETTINGS)?,
         };
         Ok(Self { core, events })
     }
@@ -619,25 +629,16 @@ impl Core {
         conn.begin_with(statement).await.map_err(classify)
     }
 
-    /// Serialises this transaction with every other one holding any of `keys` (PostgreSQL;
-    /// SQLite has a single writer already). The locks are taken in one round trip, in
-    /// sorted order (a VALUES list is scanned in order), so two transactions taking
-    /// several never deadlock.
-    async fn lock(&self, conn: &mut AnyConnection, keys: &[&str]) -> Result<(), StoreError> {
-        let keys: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
-        if self.backend != Backend::Postgres || keys.is_empty() {
-            return Ok(());
+    /// Serialises this transaction with every other one of `payment_id` (PostgreSQL; SQLite
+    /// has a single writer already).
+    async fn lock(&self, conn: &mut AnyConnection, payment_id: &str) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query(LOCK_PAYMENT)
+                .bind(payment_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?;
         }
-        let mut query = sqlx::query(AssertSqlSafe(with_rows(
-            LOCK_KEYS,
-            keys.len(),
-            1,
-            LOCK_KEYS_TAIL,
-        )));
-        for key in keys {
-            query = query.bind(key);
-        }
-        query.execute(&mut *conn).await.map_err(classify)?;
         Ok(())
     }
 

@@ -114,19 +114,28 @@ const INSERT_ENTRIES: &str = concat!(
 );
 
 /// Starts the workers on the current tokio runtime, each connecting to the database at
-/// `url` as it needs (`settings`: the connections' `-c` options). Events recorded through
+/// `url` as it needs (`settings`: the connections' run-time parameters). Events recorded through
 /// the returned queue are answered once their transaction commits; dropping the queue
 /// stops the workers once it is empty.
-pub(super) fn start(core: &Arc<Core>, url: &str, settings: &str) -> Result<Queue, StoreError> {
+pub(super) fn start(
+    core: &Arc<Core>,
+    url: &str,
+    settings: &[(&str, &str)],
+) -> Result<Queue, StoreError> {
     let mut config: Config = url
         .parse()
         .map_err(|e| StoreError::Setup(format!("bad database URL {}: {e}", redact(url))))?;
     if config.get_application_name().is_none() {
         config.application_name(INGEST_POOL_NAME);
     }
+    let ours = settings
+        .iter()
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     let options = match config.get_options() {
-        Some(own) => format!("{own} {settings}"),
-        None => settings.to_owned(),
+        Some(own) => format!("{own} {ours}"),
+        None => ours,
     };
     config.options(options).connect_timeout(CONNECT_TIMEOUT);
     let config = Arc::new(config);
@@ -288,14 +297,12 @@ async fn transaction(
         client.query(&conn.load, &[&keys, &payments]),
     )
     .await;
-    let written = match (begun, locked, loaded) {
-        (Ok(()), Ok(_), Ok(rows)) => write(core, conn, events, &payments, &rows).await,
-        (begun, locked, loaded) => Err(begun
-            .err()
-            .or(locked.err())
-            .or(loaded.err())
-            .map_or_else(|| StoreError::Setup("no error".into()), pg_error)),
-    };
+    let written = async {
+        begun.map_err(pg_error)?;
+        locked.map_err(pg_error)?;
+        write(core, conn, events, &payments, &loaded.map_err(pg_error)?).await
+    }
+    .await;
     if written.is_err() {
         // Whatever failed, the transaction ends here (after a pipelined `COMMIT` that rolled
         // back, this only draws a warning), so the connection can take the next one.
@@ -452,21 +459,7 @@ fn stored(
 
 /// A row of [`INSERT_ENTRIES`]' `RETURNING`, in `ledger_columns!`'s order.
 fn ledger_entry(row: &Row) -> Result<LedgerEntry, tokio_postgres::Error> {
-    Ok(LedgerEntry {
-        seq: row.try_get(0)?,
-        payment_id: row.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
-        kind: row.try_get(2)?,
-        sku: row.try_get(3)?,
-        quantity: row.try_get(4)?,
-        wallet: row.try_get(5)?,
-        raw_customer_id: row.try_get(6)?,
-        item: row.try_get(7)?,
-        event_key: row.try_get::<_, Option<String>>(8)?.unwrap_or_default(),
-        recorded_at: Some(timestamp(row.try_get(9)?)),
-        catalog_version: row.try_get(10)?,
-        actor: row.try_get(11)?,
-        note: row.try_get(12)?,
-    })
+    ledger_entry_of!(row)
 }
 
 /// The [`StoreError`] of a `tokio-postgres` error, classified as sqlx's are

@@ -34,7 +34,7 @@ impl Core {
         };
         let mut conn = self.write.acquire().await.map_err(classify)?;
         let mut tx = self.begin(&mut conn).await?;
-        self.lock(&mut tx, &[payment_id]).await?;
+        self.lock(&mut tx, payment_id).await?;
         let review = fetch_in(&mut tx, REVIEWS, &[payment_id], "").await?;
         if let Some(row) = review.first() {
             let done: String = row.try_get(1).map_err(classify)?;
