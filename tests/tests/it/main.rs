@@ -18,6 +18,7 @@ mod grpc_surface;
 mod lifecycle;
 mod observability;
 mod power_loss;
+mod python_client;
 mod recorded_or_retried;
 mod recover;
 mod review;
