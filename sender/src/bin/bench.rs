@@ -440,7 +440,9 @@ async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> 
     let threads_before: Vec<_> = procs.iter().map(|p| p.thread_cpu_secs()).collect();
     let own = cpu_secs("self");
     let postgres = postgres_cpu_secs();
+    let progress = sender.progress(prefix, n);
     sender.closed_loop(bodies, concurrency).await;
+    progress.finish().await;
     let per_event = |secs: f64| 1e6 * secs / n as f64;
     let threads_us = procs
         .iter()
@@ -473,7 +475,9 @@ async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> 
 async fn open(addr: SocketAddr, prefix: &str, rate: f64, seconds: u64) -> Report {
     let sender = sender(addr);
     let n = (rate * seconds as f64) as usize;
+    let progress = sender.progress(prefix, n);
     sender.open_loop(bodies(prefix, n), rate).await;
+    progress.finish().await;
     sender.report()
 }
 
