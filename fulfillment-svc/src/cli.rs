@@ -1,7 +1,12 @@
 //! The operator CLI: subcommands of the `fulfillment-svc` binary that call a running
 //! service's gRPC API (review queue, payments, entitlements). Output is plain text for
-//! people; scripts should call the gRPC API.
+//! people, or with `--json` one JSON document on stdout for scripts (the views in
+//! [`json`]). Errors go to stderr, with a non-zero exit.
 #![allow(clippy::print_stdout)]
+
+pub mod json;
+
+use std::io::Write;
 
 use coinflow_shared::proto::v1::fulfillment_client::FulfillmentClient;
 use coinflow_shared::proto::v1::resolve_held_request::{Approve, Reject, Resolution};
@@ -31,6 +36,15 @@ pub struct Target {
     /// recovery token (FULFILLMENT_RECOVERY_TOKENS) for `recover`.
     #[arg(long, env = "FULFILLMENT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<SecretString>,
+}
+
+/// How a command prints what it got.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct Output {
+    /// Print one JSON document on stdout instead of text: stable field names, numbers as
+    /// numbers, amounts as integer cents, times as RFC 3339.
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 /// Review-queue commands.
@@ -76,6 +90,21 @@ pub enum CliError {
     /// The service refused the call.
     #[error("{}: {}", .0.code(), .0.message())]
     Call(#[from] Status),
+    /// Writing the output failed (stdout closed, say).
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+    /// Rendering the JSON output failed.
+    #[error("rendering the JSON output: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Prints `view` as one JSON document on stdout.
+fn emit(view: &impl serde::Serialize) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, view)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// Adds the target's bearer token (if any) to every call.
@@ -132,12 +161,14 @@ fn show_entry(e: &LedgerEntry) {
 }
 
 /// Runs a review-queue command.
-pub async fn held(target: &Target, command: HeldCommand) -> Result<(), CliError> {
+pub async fn held(target: &Target, output: Output, command: HeldCommand) -> Result<(), CliError> {
     let mut client = connect(target).await?;
     let (payment_id, operator, note, resolution) = match command {
         HeldCommand::List => {
             let mut page_token = String::new();
+            let mut all = Vec::new();
             loop {
+                let first = page_token.is_empty();
                 let page = client
                     .list_held(ListHeldRequest {
                         page_size: 50,
@@ -145,6 +176,17 @@ pub async fn held(target: &Target, command: HeldCommand) -> Result<(), CliError>
                     })
                     .await?
                     .into_inner();
+                if output.json {
+                    all.extend(page.held);
+                    if page.next_page_token.is_empty() {
+                        return emit(&json::HeldList::of(&all));
+                    }
+                    page_token = page.next_page_token;
+                    continue;
+                }
+                if page.held.is_empty() && first {
+                    println!("no held payments");
+                }
                 for h in &page.held {
                     println!(
                         "{}  reason={}  state={}  wallet={}  body={}",
@@ -190,6 +232,9 @@ pub async fn held(target: &Target, command: HeldCommand) -> Result<(), CliError>
         })
         .await?
         .into_inner();
+    if output.json {
+        return emit(&json::Resolved::of(&payment_id, &r));
+    }
     let again = if r.duplicate { " (already)" } else { "" };
     println!("{payment_id}: {}{again}", r.review);
     r.entries.iter().for_each(show_entry);
@@ -197,7 +242,7 @@ pub async fn held(target: &Target, command: HeldCommand) -> Result<(), CliError>
 }
 
 /// Shows one payment.
-pub async fn payment(target: &Target, payment_id: String) -> Result<(), CliError> {
+pub async fn payment(target: &Target, output: Output, payment_id: String) -> Result<(), CliError> {
     let p = connect(target)
         .await?
         .get_payment(GetPaymentRequest { payment_id })
@@ -205,6 +250,9 @@ pub async fn payment(target: &Target, payment_id: String) -> Result<(), CliError
         .into_inner()
         .payment
         .unwrap_or_default();
+    if output.json {
+        return emit(&json::Payment::of(&p));
+    }
     println!("payment {}  state={}", p.payment_id, p.state);
     if let Some(reason) = &p.held_reason {
         println!("held: {reason}");
@@ -224,15 +272,28 @@ pub async fn payment(target: &Target, payment_id: String) -> Result<(), CliError
     Ok(())
 }
 
-/// Shows a payer's entitlements.
-pub async fn entitlements(target: &Target, payer: pb::payer::Id) -> Result<(), CliError> {
+/// Shows a payer's entitlements; says so when there are none.
+pub async fn entitlements(
+    target: &Target,
+    output: Output,
+    payer: pb::payer::Id,
+) -> Result<(), CliError> {
     let r = connect(target)
         .await?
         .get_entitlements(GetEntitlementsRequest {
-            payer: Some(pb::Payer { id: Some(payer) }),
+            payer: Some(pb::Payer {
+                id: Some(payer.clone()),
+            }),
         })
         .await?
         .into_inner();
+    if output.json {
+        return emit(&json::Entitlements::of(&payer, &r.entitlements));
+    }
+    if r.entitlements.is_empty() {
+        let (pb::payer::Id::Wallet(id) | pb::payer::Id::RawCustomerId(id)) = &payer;
+        println!("payer {id}: no entitlements");
+    }
     for e in &r.entitlements {
         println!(
             "{:<24} {:>10}{}",

@@ -5,7 +5,7 @@ use coinflow_shared::config::LogFormat;
 use coinflow_shared::proto::v1::payer::Id as PayerId;
 use coinflow_shared::telemetry::Telemetry;
 use fulfillment_svc::catalog::Catalog;
-use fulfillment_svc::cli::{self, HeldCommand, Target};
+use fulfillment_svc::cli::{self, HeldCommand, Output, Target};
 use fulfillment_svc::recover::{self, RecoverArgs};
 use fulfillment_svc::store::sql::{SqlStore, redact};
 use fulfillment_svc::{Config, Server};
@@ -39,6 +39,8 @@ enum Command {
     Held {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        output: Output,
         #[command(subcommand)]
         command: HeldCommand,
     },
@@ -46,6 +48,8 @@ enum Command {
     Payment {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        output: Output,
         /// The payment id.
         payment_id: String,
     },
@@ -53,10 +57,12 @@ enum Command {
     /// directly) and report what the ledger does not reflect (its payments, refunds and
     /// chargebacks). Exits non-zero while discrepancies remain.
     Recover(Box<RecoverArgs>),
-    /// Show a payer's net entitlements.
+    /// Show a payer's net entitlements (or say it has none).
     Entitlements {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        output: Output,
         /// By wallet.
         #[arg(long, conflicts_with = "user", required_unless_present = "user")]
         wallet: Option<String>,
@@ -101,10 +107,19 @@ async fn main() -> anyhow::Result<()> {
             telemetry.shutdown();
             result?;
         }
-        Command::Held { target, command } => cli::held(&target, command).await?,
-        Command::Payment { target, payment_id } => cli::payment(&target, payment_id).await?,
+        Command::Held {
+            target,
+            output,
+            command,
+        } => cli::held(&target, output, command).await?,
+        Command::Payment {
+            target,
+            output,
+            payment_id,
+        } => cli::payment(&target, output, payment_id).await?,
         Command::Entitlements {
             target,
+            output,
             wallet,
             user,
         } => {
@@ -113,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
                 (None, Some(u)) => PayerId::RawCustomerId(u),
                 (None, None) => anyhow::bail!("pass --wallet or --user"),
             };
-            cli::entitlements(&target, payer).await?;
+            cli::entitlements(&target, output, payer).await?;
         }
     }
     Ok(())

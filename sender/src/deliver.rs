@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use secrecy::SecretString;
 use serde::Serialize;
 
+use crate::progress::{Counts, Progress};
 use crate::schedule;
 
 /// How long Coinflow waits for an answer.
@@ -307,6 +308,27 @@ impl Sender {
             }
         }
         out
+    }
+
+    /// Deliveries finished (acked or given up) and attempts not answered 200, so far.
+    pub fn counts(&self) -> Counts {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        Counts {
+            done: stats.acked + stats.gave_up,
+            errors: stats
+                .statuses
+                .iter()
+                .filter(|(status, _)| *status != "200")
+                .map(|(_, n)| n)
+                .sum(),
+        }
+    }
+
+    /// Shows this sender's progress towards `total` deliveries on stderr (see
+    /// [`crate::progress`]) until [`Progress::finish`].
+    pub fn progress(&self, what: impl Into<String>, total: usize) -> Progress {
+        let sender = self.clone();
+        Progress::start(what, total as u64, move || sender.counts())
     }
 
     /// The run so far.

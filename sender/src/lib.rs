@@ -8,11 +8,16 @@
 //!   attempt's latency and status, and writes a delivery log.
 //! - [`generate`]: realistic traffic (a mix of event types over distinct payments, with
 //!   chosen duplicate and reordering ratios), seeded and reproducible.
+//! - [`progress`]: count, rate, errors and ETA of a long run on stderr: a bar on a
+//!   terminal, a plain line every few seconds elsewhere.
+//! - [`chart`]: `coinflow-bench`'s rows as a JSON report and an SVG chart.
 //! - [`standin`]: a local stand-in for Coinflow: delivers generated payments, keeps a log of
 //!   every attempt, and serves Coinflow's merchant API (delivery log, resend, payments,
 //!   refunds, chargebacks) over it.
 
+pub mod chart;
 pub mod deliver;
 pub mod generate;
+pub mod progress;
 pub mod schedule;
 pub mod standin;

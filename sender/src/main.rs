@@ -262,10 +262,12 @@ async fn main() -> anyhow::Result<()> {
         log,
     );
     eprintln!("delivering {} bodies to {}", bodies.len(), d.url);
+    let progress = sender.progress("delivered", bodies.len());
     match d.rate {
         Some(rate) => sender.open_loop(bodies, rate).await,
         None => sender.closed_loop(bodies, d.concurrency).await,
     };
+    progress.finish().await;
     let report = sender.report();
     println!("{report}");
     println!("{}", serde_json::to_string(&report)?);

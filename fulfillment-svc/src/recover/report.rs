@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, ObservableGauge};
 use serde::Serialize;
@@ -186,32 +187,32 @@ impl Out {
     }
 }
 
-/// `checked n/total` on stderr while a step runs, only on a terminal.
-pub(super) struct Progress {
-    what: &'static str,
-    total: usize,
-    on: bool,
-}
+/// `checked n/total`, the rate and the ETA on stderr while a step runs: an `indicatif` bar
+/// like `coinflow-sender`'s, only on a terminal (a CronJob's log gets the summary and
+/// `--log` instead).
+pub(super) struct Progress(ProgressBar);
 
 impl Progress {
     pub(super) fn new(what: &'static str, total: usize) -> Self {
-        Self {
-            what,
-            total,
-            on: std::io::stderr().is_terminal() && total > 0,
+        if !std::io::stderr().is_terminal() || total == 0 {
+            return Self(ProgressBar::hidden());
         }
+        let style =
+            ProgressStyle::with_template("  checked {pos}/{len} {prefix} {per_sec}, ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        Self(
+            ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
+                .with_style(style)
+                .with_prefix(what),
+        )
     }
 
     pub(super) fn show(&self, done: usize) {
-        if self.on {
-            eprint!("\r  checked {done}/{} {}", self.total, self.what);
-        }
+        self.0.set_position(done as u64);
     }
 
     pub(super) fn done(&self) {
-        if self.on {
-            eprintln!("\r  checked {0}/{0} {1}", self.total, self.what);
-        }
+        self.0.finish();
     }
 }
 

@@ -2,6 +2,8 @@
 //! on one machine, and reports ratios; between the two, the edge in front of an ingest stub
 //! that stores nothing shows what the HTTP edge and the gRPC hop cost by themselves. See
 //! BENCHMARKS.md. Run it through `scripts/bench`, which builds the release binaries first.
+//! Besides printing its Markdown report, it writes the report, its rows as JSON and their
+//! chart as SVG ([`coinflow_sender::chart`]); `--chart-from` only redraws a chart.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::BTreeMap;
@@ -14,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
+use coinflow_sender::chart::{self, BenchReport, BenchRow, Rss};
 use coinflow_sender::deliver::{Report, Sender, Target};
 use coinflow_sender::generate::event;
 use coinflow_shared::proto::v1::ingest_server::{Ingest, IngestServer};
@@ -31,7 +34,8 @@ use tonic::transport::server::TcpIncoming;
 
 const KEY: &str = "cf_whk_bench_key";
 
-/// Measure the pipeline; print a Markdown report.
+/// Measure the pipeline; print a Markdown report and write it with its rows (JSON) and
+/// their chart (SVG).
 #[derive(Parser)]
 struct Cli {
     /// Events per closed-loop measurement.
@@ -73,6 +77,15 @@ struct Cli {
     /// Measure only the rows whose name contains this (and bare hyper, the baseline).
     #[arg(long)]
     only: Option<String>,
+    /// Also write the report as `<REPORT>.md` (what is printed), `<REPORT>.json` (the
+    /// table's rows) and `<REPORT>.svg` (their chart). Default: `bench/<UTC time>` in the
+    /// target directory (`target/bench/…` through scripts/bench).
+    #[arg(long, value_name = "REPORT")]
+    report: Option<PathBuf>,
+    /// Draw the chart of an existing report's rows (`<REPORT>.json`) as `<REPORT>.svg`
+    /// beside it, and exit without measuring anything.
+    #[arg(long, value_name = "REPORT.json")]
+    chart_from: Option<PathBuf>,
     /// Internal: run the bare hyper server.
     #[arg(long, hide = true)]
     bare_server: bool,
@@ -440,7 +453,9 @@ async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> 
     let threads_before: Vec<_> = procs.iter().map(|p| p.thread_cpu_secs()).collect();
     let own = cpu_secs("self");
     let postgres = postgres_cpu_secs();
+    let progress = sender.progress(prefix, n);
     sender.closed_loop(bodies, concurrency).await;
+    progress.finish().await;
     let per_event = |secs: f64| 1e6 * secs / n as f64;
     let threads_us = procs
         .iter()
@@ -473,7 +488,9 @@ async fn closed(procs: &[&Proc], prefix: &str, n: usize, concurrency: usize) -> 
 async fn open(addr: SocketAddr, prefix: &str, rate: f64, seconds: u64) -> Report {
     let sender = sender(addr);
     let n = (rate * seconds as f64) as usize;
+    let progress = sender.progress(prefix, n);
     sender.open_loop(bodies(prefix, n), rate).await;
+    progress.finish().await;
     sender.report()
 }
 
@@ -788,6 +805,19 @@ async fn main() -> anyhow::Result<()> {
     if cli.stub_ingest {
         return stub_ingest().await;
     }
+    if let Some(json) = &cli.chart_from {
+        let svg = json.with_extension("svg");
+        chart::write_svg(&chart::read_json(json)?, &svg)?;
+        eprintln!("{}", svg.display());
+        return Ok(());
+    }
+    let stem = match &cli.report {
+        Some(stem) => stem.clone(),
+        None => default_report()?,
+    };
+    if let Some(dir) = stem.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let dir = std::env::temp_dir().join(format!("coinflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut rows = Vec::new();
@@ -836,15 +866,94 @@ async fn main() -> anyhow::Result<()> {
     let ratios = pairs(&cli, &dir).await?;
     let _ = std::fs::remove_dir_all(&dir);
 
-    let bare_tp = rows[0].throughput;
-    println!(
+    let text = markdown(&cli, &table, &rounds, &full, &ratios);
+    print!("{text}");
+    save(&stem, &text, &chart_report(&cli, &table))
+}
+
+/// `bench/<UTC time>` in the target directory this binary was built into.
+fn default_report() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the target directory")?;
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(':', "");
+    Ok(target.join("bench").join(stamp))
+}
+
+/// Writes `<stem>.md`, `<stem>.json` and `<stem>.svg` (`stem`'s directory exists).
+fn save(stem: &Path, text: &str, report: &BenchReport) -> anyhow::Result<()> {
+    let with = |ext: &str| {
+        let mut path = stem.as_os_str().to_owned();
+        path.push(format!(".{ext}"));
+        PathBuf::from(path)
+    };
+    std::fs::write(with("md"), text)
+        .with_context(|| format!("writing {}", with("md").display()))?;
+    chart::write_json(report, &with("json"))?;
+    chart::write_svg(report, &with("svg"))?;
+    eprintln!("report: {0}.md, {0}.json, {0}.svg", stem.display());
+    Ok(())
+}
+
+/// The table's rows as the chart's report.
+fn chart_report(cli: &Cli, table: &[&Row]) -> BenchReport {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let rounds = if cli.rounds > 1 { ", first round" } else { "" };
+    BenchReport {
+        title: format!(
+            "coinflow-bench {stamp}: {} events per closed loop{rounds}",
+            cli.events
+        ),
+        concurrency: cli.concurrency,
+        rate: cli.rate,
+        rows: table
+            .iter()
+            .map(|r| BenchRow {
+                name: r.name.clone(),
+                throughput_per_s: r.throughput,
+                closed_p50_ms: r.p50,
+                closed_p99_ms: r.p99,
+                open_achieved_per_s: r.rate_achieved,
+                open_p50_ms: r.rate_p50,
+                open_p99_ms: r.rate_p99,
+                peak_rss_mib: r
+                    .rss
+                    .iter()
+                    .map(|(process, mib)| Rss {
+                        process: process.clone(),
+                        mib: *mib,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The report printed and written as `<report>.md`: the table, CPU per event, the ratios.
+fn markdown(
+    cli: &Cli,
+    table: &[&Row],
+    rounds: &[Vec<Row>],
+    full: &[(&str, Vec<f64>)],
+    pairs: &[f64],
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let bare_tp = table.first().map_or(0.0, |r| r.throughput);
+    let _ = writeln!(
+        out,
         "| run | events/s @{} | vs bare | p50 ms | p99 ms | @{}/s achieved | p50 ms | p99 ms | peak RSS MiB |",
         cli.concurrency, cli.rate
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &table {
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for r in table {
         let rss: Vec<String> = r.rss.iter().map(|(n, m)| format!("{n} {m:.1}")).collect();
-        println!(
+        let _ = writeln!(
+            out,
             "| {} | {:.0} | {:.1}% | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} |",
             r.name,
             r.throughput,
@@ -857,45 +966,48 @@ async fn main() -> anyhow::Result<()> {
             rss.join(", ")
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\nCPU time per event in the closed loop, µs (user + system; 2 cores give 2,000,000 µs/s):\n"
     );
-    for r in &table {
+    for r in table {
         let cpu: Vec<String> = r
             .cpu_us
             .iter()
             .map(|(n, us)| format!("{n} {us:.0}"))
             .collect();
         let total: f64 = r.cpu_us.iter().map(|(_, us)| us).sum();
-        println!("- {}: {} (total {total:.0})", r.name, cpu.join(", "));
+        let _ = writeln!(out, "- {}: {} (total {total:.0})", r.name, cpu.join(", "));
         for (process, threads) in &r.threads_us {
             let threads: Vec<String> = threads
                 .iter()
                 .filter(|(_, us)| **us >= 0.5)
                 .map(|(n, us)| format!("{n} {us:.0}"))
                 .collect();
-            println!("  - {process} by thread: {}", threads.join(", "));
+            let _ = writeln!(out, "  - {process} by thread: {}", threads.join(", "));
         }
     }
-    println!("\n{}", targets(&rounds));
+    let _ = writeln!(out, "\n{}", targets(rounds));
     for (name, ratios) in full {
         if !ratios.is_empty() {
-            println!(
+            let _ = writeln!(
+                out,
                 "\n{name} with {} rows pre-loaded vs a fresh ledger over {} alternating rounds: {}",
                 cli.preload,
                 ratios.len(),
-                summary(&ratios)
+                summary(ratios)
             );
         }
     }
-    if !ratios.is_empty() {
-        println!(
+    if !pairs.is_empty() {
+        let _ = writeln!(
+            out,
             "\nSQLite pipeline / bare hyper over {} alternating pairs: {}",
-            ratios.len(),
-            summary(&ratios)
+            pairs.len(),
+            summary(pairs)
         );
     }
-    Ok(())
+    out
 }
 
 /// The ratios BENCHMARKS.md's targets are stated in: each round's, then their median.
