@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod http_server;
 pub mod identity;
 pub mod limits;
+pub mod log_writer;
 pub mod shutdown;
 pub mod signature;
 pub mod telemetry;

@@ -10,7 +10,7 @@
 //! honoured. Metrics are always readable as Prometheus text ([`prometheus_text`]).
 
 use std::collections::HashMap;
-use std::io::{BufWriter, IsTerminal};
+use std::io::IsTerminal;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -21,7 +21,6 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{Format, Writer};
@@ -32,6 +31,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 use crate::config::LogFormat;
+use crate::log_writer::{self, LogGuard};
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,12 +51,9 @@ pub enum TelemetryError {
 pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     meter_provider: SdkMeterProvider,
-    /// Dropped last: writes out the log lines still queued.
-    _log_writer: WorkerGuard,
+    /// Dropped last: writes out the log lines still waiting.
+    _log_writer: LogGuard,
 }
-
-/// Log lines queued for the writer at most (its channel is allocated whole at start).
-const LOG_QUEUE: usize = 8192;
 
 fn env_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
@@ -120,15 +117,8 @@ impl Telemetry {
             LogFormat::Human => false,
             LogFormat::Auto => !std::io::stderr().is_terminal(),
         };
-        // Log lines are written by a thread of their own, through a buffer flushed whenever
-        // the queue is empty: under load one write carries many lines, where a write per
-        // line was the largest cost of logging at `info`. Never lossy: a full queue makes
-        // the caller wait rather than drop a line.
-        let (writer, log_writer) = NonBlockingBuilder::default()
-            .lossy(false)
-            .buffered_lines_limit(LOG_QUEUE)
-            .thread_name("log-writer")
-            .finish(BufWriter::new(std::io::stderr()));
+        let (writer, log_writer) = log_writer::start(std::io::stderr())
+            .map_err(|e| TelemetryError::Subscriber(format!("starting the log writer: {e}")))?;
         let logs = if json {
             // The JSON lines print no span fields: formatting them at every span's start
             // would be wasted.
