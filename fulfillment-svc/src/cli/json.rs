@@ -202,14 +202,9 @@ impl Payment {
     }
 }
 
-/// `OUTCOME_ALREADY_GRANTED` → `already_granted`.
+/// An outcome by the name the ledger stores it under (`already_granted`).
 fn outcome(value: i32) -> String {
-    let name = pb::Outcome::try_from(value)
-        .unwrap_or_default()
-        .as_str_name();
-    name.strip_prefix("OUTCOME_")
-        .unwrap_or(name)
-        .to_ascii_lowercase()
+    crate::store::outcome_name(pb::Outcome::try_from(value).unwrap_or_default()).to_owned()
 }
 
 fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
