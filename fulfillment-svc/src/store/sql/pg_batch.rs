@@ -152,18 +152,16 @@ pub(super) fn start(
     config.options(options).connect_timeout(CONNECT_TIMEOUT);
     let config = Arc::new(config);
     let (queue, waiting) = queue::channel(4 * BATCH);
-    let busy = Arc::new(AtomicUsize::new(0));
     let intake = Arc::new(Mutex::new(Intake {
         queue: waiting,
         carried: Vec::new(),
-        busy: Arc::clone(&busy),
+        busy: Arc::default(),
     }));
     for _ in 0..WORKERS {
         tokio::spawn(work(
             Arc::clone(core),
             Arc::clone(&config),
             Arc::clone(&intake),
-            Arc::clone(&busy),
         ));
     }
     Ok(queue)
@@ -185,8 +183,9 @@ struct Intake {
 impl Intake {
     /// The next batch: carried events first, then what is queued, at most one event per
     /// payment, or per event key for events without one (a second one waits for the next
-    /// batch, so that it sees the first). `None` once the queue is closed and empty.
-    async fn next(&mut self) -> Option<Vec<Job>> {
+    /// batch, so that it sees the first), counted in flight until its [`InFlight`] drops.
+    /// `None` once the queue is closed and empty.
+    async fn next(&mut self) -> Option<(Vec<Job>, InFlight)> {
         if self.carried.is_empty() {
             let first = self.queue.recv().await?;
             self.carried.push(first);
@@ -219,21 +218,15 @@ impl Intake {
             }
         }
         self.carried = rest;
-        Some(batch)
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Some((batch, InFlight(Arc::clone(&self.busy))))
     }
 }
 
-/// Counts a transaction in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Counts a batch's transaction in flight for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
 
-impl<'a> InFlight<'a> {
-    fn new(busy: &'a AtomicUsize) -> Self {
-        busy.fetch_add(1, Ordering::Relaxed);
-        Self(busy)
-    }
-}
-
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -266,18 +259,12 @@ impl Conn {
     }
 }
 
-async fn work(
-    core: Arc<Core>,
-    config: Arc<Config>,
-    intake: Arc<Mutex<Intake>>,
-    busy: Arc<AtomicUsize>,
-) {
+async fn work(core: Arc<Core>, config: Arc<Config>, intake: Arc<Mutex<Intake>>) {
     let mut conn: Option<Conn> = None;
     loop {
-        let Some(batch) = intake.lock().await.next().await else {
+        let Some((batch, _in_flight)) = intake.lock().await.next().await else {
             return;
         };
-        let _in_flight = InFlight::new(&busy);
         let events: Vec<_> = batch.iter().map(|j| (&j.event, &j.decision)).collect();
         match record(&core, &config, &mut conn, &events).await {
             Ok(acks) => {
@@ -736,7 +723,7 @@ mod tests {
         jobs.send(job(0)).await.unwrap();
         arriving(jobs, 7);
         let started = tokio::time::Instant::now();
-        assert_eq!(intake.next().await.unwrap().len(), 1);
+        assert_eq!(intake.next().await.unwrap().0.len(), 1);
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
@@ -745,7 +732,7 @@ mod tests {
         let (jobs, mut intake) = intake(1);
         jobs.send(job(0)).await.unwrap();
         arriving(jobs, 20);
-        let batch = intake.next().await.unwrap();
+        let (batch, _) = intake.next().await.unwrap();
         assert!(batch.len() >= LINGER_BATCH, "{} events", batch.len());
     }
 
@@ -754,7 +741,7 @@ mod tests {
         let (jobs, mut intake) = intake(1);
         jobs.send(job(0)).await.unwrap();
         let started = tokio::time::Instant::now();
-        assert_eq!(intake.next().await.unwrap().len(), 1);
+        assert_eq!(intake.next().await.unwrap().0.len(), 1);
         assert_eq!(started.elapsed(), LINGER);
         drop(jobs);
     }
