@@ -139,7 +139,7 @@ impl LogWriter {
     }
 }
 
-impl Write for LogWriter {
+impl Write for &LogWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.append(buf);
         Ok(buf.len())
@@ -151,10 +151,10 @@ impl Write for LogWriter {
 }
 
 impl<'a> MakeWriter<'a> for LogWriter {
-    type Writer = LogWriter;
+    type Writer = &'a LogWriter;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
+        self
     }
 }
 
@@ -194,10 +194,10 @@ mod tests {
         let (writer, guard) = start(sink.clone()).unwrap();
         let threads: Vec<_> = (0..4)
             .map(|t| {
-                let mut w = writer.clone();
+                let w = writer.clone();
                 std::thread::spawn(move || {
                     for i in 0..5_000 {
-                        w.write_all(
+                        (&w).write_all(
                             format!("thread {t} line {i} {}\n", "x".repeat(i % 97)).as_bytes(),
                         )
                         .unwrap();
@@ -224,8 +224,8 @@ mod tests {
     #[test]
     fn a_line_is_written_within_its_time_without_a_flush_or_a_drop() {
         let sink = Sink::default();
-        let (mut writer, _guard) = start(sink.clone()).unwrap();
-        writer.write_all(b"one line\n").unwrap();
+        let (writer, _guard) = start(sink.clone()).unwrap();
+        (&writer).write_all(b"one line\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while sink.0.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the line was never written");
@@ -254,10 +254,10 @@ mod tests {
         let (writer, guard) = start_with(Gate(gate, sink.clone()), 16, 64).unwrap();
         let (wrote, lines) = mpsc::channel();
         let caller = std::thread::spawn({
-            let mut writer = writer.clone();
+            let writer = writer.clone();
             move || {
                 for i in 0..100 {
-                    writer
+                    (&writer)
                         .write_all(format!("line {i:04}\n").as_bytes())
                         .unwrap();
                     wrote.send(i).unwrap();

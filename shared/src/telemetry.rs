@@ -42,6 +42,9 @@ pub enum TelemetryError {
     /// The Prometheus reader could not be built.
     #[error("Prometheus reader: {0}")]
     Prometheus(String),
+    /// The log writer's thread could not start.
+    #[error("starting the log writer: {0}")]
+    LogWriter(std::io::Error),
     /// A global log subscriber was already installed.
     #[error("installing the log subscriber: {0}")]
     Subscriber(String),
@@ -117,8 +120,8 @@ impl Telemetry {
             LogFormat::Human => false,
             LogFormat::Auto => !std::io::stderr().is_terminal(),
         };
-        let (writer, log_writer) = log_writer::start(std::io::stderr())
-            .map_err(|e| TelemetryError::Subscriber(format!("starting the log writer: {e}")))?;
+        let (writer, log_writer) =
+            log_writer::start(std::io::stderr()).map_err(TelemetryError::LogWriter)?;
         let logs = if json {
             // The JSON lines print no span fields: formatting them at every span's start
             // would be wasted.
